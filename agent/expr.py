@@ -13,6 +13,7 @@ fires on data it has not seen.
 from __future__ import annotations
 
 import ast
+import itertools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class Expression:
         for node in ast.walk(ast.parse(self.source, mode="eval")):
             if isinstance(node, ast.Compare):
                 names = [dotted_name(n) for n in [node.left, *node.comparators]]
-                for a, b in zip(names, names[1:], strict=False):
+                for a, b in itertools.pairwise(names):
                     if a and b:
                         pairs.append((a, b))
         return pairs
@@ -181,6 +182,14 @@ def _kleene(parts: list[Evaluator], values: Lookup, decisive: bool) -> bool:
     return not decisive
 
 
+def _membership(negate: bool) -> Callable[[Any, Any], bool]:
+    return lambda a, b: (a in b) != negate
+
+
+def _constant(value: Any) -> Evaluator:
+    return lambda _v: value
+
+
 def _compile_compare(node: ast.Compare, signals: set[str], depth: int) -> Evaluator:
     operands = [_compile(node.left, signals, depth)]
     steps: list[tuple[Callable[[Any, Any], bool], Evaluator]] = []
@@ -195,9 +204,7 @@ def _compile_compare(node: ast.Compare, signals: set[str], depth: int) -> Evalua
                 members.append(elt.value)
             choices = frozenset(members)
             negate = isinstance(op_node, ast.NotIn)
-            steps.append(
-                (lambda a, b, n=negate: (a in b) != n, lambda _v, c=choices: c)
-            )
+            steps.append((_membership(negate), _constant(choices)))
             continue
         op = _COMPARE.get(type(op_node))
         if op is None:

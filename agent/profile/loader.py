@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cantools
 from cantools.database.can import Database, Message, Signal
 from pydantic import BaseModel, ValidationError
 
@@ -125,25 +124,20 @@ def validate_model(model: type[BaseModel], data: Any, source: SourceMap) -> Any:
         raise ConfigError(pydantic_problems(exc, data, source)) from None
 
 
-def _data_loc(loc: Iterable[str | int], data: Any) -> Loc:
+def _data_loc(loc: Sequence[str | int], data: Any) -> Loc:
     out: list[str | int] = []
     node = data
-    for part in loc:
+    for position, part in enumerate(loc):
         if isinstance(node, dict) and part in node:
             node = node[part]
             out.append(part)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
             out.append(part)
-        elif isinstance(node, dict) and isinstance(part, str) and part == loc_last(loc):
+        elif isinstance(node, dict) and isinstance(part, str) and position == len(loc) - 1:
             out.append(part)  # a missing or unknown key: name it
         # else: a union tag or a model name, not part of the document
     return tuple(out)
-
-
-def loc_last(loc: Iterable[str | int]) -> str | int | None:
-    items = list(loc)
-    return items[-1] if items else None
 
 
 def _error_text(err: Any) -> str:

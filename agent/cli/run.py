@@ -1,0 +1,81 @@
+"""``telematics-agent run``: read CAN, apply the profile's rules, emit records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from types import FrameType
+
+from agent.config import AgentConfig, BusOverride, JsonLinesOutput, load_agent_config
+from agent.errors import ConfigError
+from agent.logs import configure_logging
+from agent.pipeline import Pipeline, PipelineSettings
+from agent.profile.loader import load_profile
+from agent.sinks import sink_class
+
+HELP = "run the agent"
+
+
+def parse_bus_override(text: str) -> tuple[str, BusOverride]:
+    name, sep, rest = text.partition("=")
+    interface, sep2, channel = rest.partition(":")
+    if not sep or not sep2 or not name or not interface or not channel:
+        raise argparse.ArgumentTypeError(f"expected NAME=INTERFACE:CHANNEL, got {text!r}")
+    return name, BusOverride(interface=interface, channel=channel)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="agent configuration file (YAML)")
+    source.add_argument("--profile", help="vehicle profile, for a quick run without a config")
+    parser.add_argument("--vehicle-id", default="dev-vehicle", help="with --profile")
+    parser.add_argument("--bus", action="append", type=parse_bus_override, default=[],
+                        metavar="NAME=INTERFACE:CHANNEL",
+                        help="open profile bus NAME on this interface/channel (repeatable)")
+    parser.add_argument("--output", help="JSON-lines output file, - for stdout")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--stats", help="write final pipeline counters as JSON to this file")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _config(args: argparse.Namespace) -> tuple[AgentConfig, str]:
+    if args.config:
+        config, profile_path = load_agent_config(args.config)
+        return config, str(profile_path)
+    config = AgentConfig(vehicle_id=args.vehicle_id, profile=args.profile)
+    return config, args.profile
+
+
+def run(args: argparse.Namespace) -> int:
+    config, profile_path = _config(args)
+    overrides = dict(config.buses)
+    overrides.update(dict(args.bus))
+    output = config.output
+    if args.output:
+        output = JsonLinesOutput(type="jsonl", path=args.output)
+    configure_logging(args.log_level or config.log.level, config.log.format)
+    profile = load_profile(profile_path)
+    unknown = sorted(set(overrides) - {b.name for b in profile.spec.buses})
+    if unknown:
+        raise ConfigError.single(profile_path, f"bus override for unknown bus(es) {unknown}; "
+                                 f"the profile has {[b.name for b in profile.spec.buses]}")
+    if config.firmware_version and not profile.matches_firmware(config.firmware_version):
+        raise ConfigError.single(
+            profile_path, f"firmware {config.firmware_version} is not covered by this profile "
+            f"({', '.join(profile.spec.vehicle.firmware_versions)})", path="vehicle.firmware_versions")
+    sink = sink_class(output.type)(output.path)
+    pipeline = Pipeline(profile, sink, overrides, PipelineSettings(config.can, config.clock))
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        pipeline.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    pipeline.run(args.duration)
+    if args.stats:
+        with open(args.stats, "w", encoding="utf-8") as fh:
+            json.dump(pipeline.stats(), fh, indent=2)
+    print(json.dumps(pipeline.stats()), file=sys.stderr)
+    return 0

@@ -1,0 +1,76 @@
+"""The agent's own, machine-specific configuration (not the vehicle profile).
+
+Device identity, file paths, where output goes, and per-machine bus overrides (the
+profile says ``can0``; a test bench may say ``vcan0``). Same located-error loading as
+profiles: file, line, key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.errors import ConfigError
+from agent.profile.loader import validate_model
+from agent.profile.yamlsrc import load_yaml_file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BusOverride(_Strict):
+    interface: str | None = None
+    channel: str | None = None
+    bitrate: int | None = Field(default=None, gt=0)
+
+
+class CanSettings(_Strict):
+    receive_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=65536,
+                                      description="SO_RCVBUF for SocketCAN sockets")
+    reopen_initial_s: float = Field(default=0.5, gt=0)
+    reopen_max_s: float = Field(default=30.0, gt=0)
+
+
+class ClockSettings(_Strict):
+    synced: Literal["auto", "assume_synced", "assume_unsynced"] = Field(
+        default="auto", description="auto asks the kernel (adjtimex) whether NTP/PTP/GPS disciplines the clock")
+    step_threshold_ms: int = Field(default=1000, gt=0)
+
+
+class JsonLinesOutput(_Strict):
+    type: Literal["jsonl"]
+    path: str = Field(default="-", description="file path, or - for stdout")
+
+
+Output = Annotated[JsonLinesOutput, Field(discriminator="type")]
+
+
+class LogSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class AgentConfig(_Strict):
+    vehicle_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+    profile: str = Field(description="vehicle profile path, relative to this file")
+    firmware_version: str | None = Field(default=None, description="checked against the profile")
+    data_dir: str = "/var/lib/telematics-agent"
+    buses: dict[str, BusOverride] = Field(default_factory=dict)
+    can: CanSettings = CanSettings()
+    clock: ClockSettings = ClockSettings()
+    output: Output = JsonLinesOutput(type="jsonl")
+    log: LogSettings = LogSettings()
+
+
+def load_agent_config(path: str | Path) -> tuple[AgentConfig, Path]:
+    """Return the config and the resolved profile path."""
+    path = Path(path)
+    data, source = load_yaml_file(path)
+    config: AgentConfig = validate_model(AgentConfig, data, source)
+    profile = (path.parent / config.profile).resolve()
+    if not profile.is_file():
+        raise ConfigError([source.problem(("profile",), f"profile not found: {profile}")])
+    return config, profile
