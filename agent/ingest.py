@@ -42,6 +42,7 @@ class BusStats:
     repeated: int = 0
     error_frames: int = 0
     unknown_id: int = 0
+    not_needed: int = 0
     wrong_length: int = 0
     decode_errors: int = 0
     out_of_range: int = 0
@@ -94,6 +95,10 @@ def build_handlers(profile: LoadedProfile, bus: str, engine: RuleEngine) -> dict
     return handlers
 
 
+def known_frame_keys(profile: LoadedProfile, bus: str) -> set[int]:
+    return {frame_key(m.frame_id, m.is_extended_frame) for m in profile.databases[bus].messages}
+
+
 def kernel_filters(handlers: Iterable[int]) -> list[can.typechecking.CanFilter]:
     filters: list[can.typechecking.CanFilter] = []
     for key in sorted(handlers):
@@ -108,10 +113,11 @@ class FrameProcessor:
     """Per-frame work for one bus. ``lock`` guards the shared rule engine."""
 
     def __init__(self, bus: str, handlers: dict[int, FrameHandler], engine: RuleEngine,
-                 lock: threading.Lock, clock: Callable[[], float] = time.monotonic,
-                 limiter: LogLimiter | None = None) -> None:
+                 lock: threading.Lock, known_keys: Iterable[int] = (),
+                 clock: Callable[[], float] = time.monotonic, limiter: LogLimiter | None = None) -> None:
         self.bus = bus
         self.handlers = handlers
+        self.known_keys = frozenset(known_keys)
         self.engine = engine
         self.lock = lock
         self.clock = clock
@@ -130,9 +136,13 @@ class FrameProcessor:
         key = msg.arbitration_id | EXTENDED_KEY if msg.is_extended_id else msg.arbitration_id
         handler = self.handlers.get(key)
         if handler is None:
+            if key in self.known_keys:
+                stats.not_needed += 1  # where no kernel/hardware filter removed it
+                return
             stats.unknown_id += 1
             if self.limiter.allow((self.bus, key)):
-                log.info("frame with unexpected id", bus=self.bus, id=hex(msg.arbitration_id))
+                log.info("frame with an id the database does not know", bus=self.bus,
+                         id=hex(msg.arbitration_id), extended=msg.is_extended_id)
             return
         now = self.clock()
         data = bytes(msg.data)
@@ -162,10 +172,17 @@ class FrameProcessor:
             self.engine.update(now, result.values)
 
 
+# python-can filters these in software, dropping error frames with the rest; the frame
+# handler lookup is the same filter, cheaper, and keeps error frames visible.
+SOFTWARE_FILTERED_INTERFACES = frozenset({"virtual"})
+
+
 def open_bus(endpoint: BusEndpoint, filters: list[can.typechecking.CanFilter],
              receive_buffer_bytes: int) -> can.BusABC:
     """Open one python-can bus; SocketCAN gets the loss-visible adapter."""
-    kwargs: dict[str, Any] = {"can_filters": filters, "fd": endpoint.fd}
+    kwargs: dict[str, Any] = {"fd": endpoint.fd}
+    if endpoint.interface not in SOFTWARE_FILTERED_INTERFACES:
+        kwargs["can_filters"] = filters
     try:
         if endpoint.interface == "socketcan":
             from agent.canbus.socketcan import MonitoredSocketcanBus

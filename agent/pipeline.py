@@ -11,7 +11,7 @@ import structlog
 
 from agent.clock import Clock, kernel_clock_synced
 from agent.config import BusOverride, CanSettings, ClockSettings
-from agent.ingest import BusEndpoint, BusReader, FrameProcessor, build_handlers
+from agent.ingest import BusEndpoint, BusReader, FrameProcessor, build_handlers, known_frame_keys
 from agent.logs import LogLimiter
 from agent.profile.loader import LoadedProfile
 from agent.records import Sink
@@ -66,6 +66,7 @@ class Pipeline:
                 log.info("no rule needs this bus; not opening it", bus=endpoint.name)
                 continue
             processor = FrameProcessor(endpoint.name, handlers, self.engine, self.lock,
+                                       known_frame_keys(profile, endpoint.name),
                                        self.clock.monotonic, limiter)
             can_settings = self.settings.can
             self.readers.append(BusReader(endpoint, processor, self.stop_event,
