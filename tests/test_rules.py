@@ -85,7 +85,7 @@ def test_periodic_counts_repeated_frames_as_new_readings() -> None:
 
 def test_on_change_with_deadband_reports_relative_to_last_emitted() -> None:
     rule = OnChangeRule(type="on_change", name="c", signals=[SPEED], deadband=1.0)
-    eng, t, _ = engine(rule)
+    eng, _t, _ = engine(rule)
     for i, v in enumerate([10.0, 10.5, 10.9, 11.2, 11.0, 9.9, 9.95]):
         eng.update(100 + i, [(SPEED, v)])
     assert [s.value for s in eng.drain()] == [10.0, 11.2, 9.9]
@@ -162,7 +162,7 @@ def test_trigger_never_fires_on_missing_signal() -> None:
 def test_aggregate_windows() -> None:
     rule = AggregateRule(type="aggregate", name="a", window_ms=1000, signals=[SPEED, GEAR],
                          functions=["min", "max", "mean", "count", "last"])
-    eng, t, clock = engine(rule)
+    eng, _t, clock = engine(rule)
     values = iter([1.0, 5.0, 3.0])
     for i in range(3):
         eng.update(100.1 + i * 0.1, [(SPEED, next(values))])
