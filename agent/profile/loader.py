@@ -74,12 +74,12 @@ class LoadedProfile:
                 used.update(rule.signals)
         return used
 
-    def messages_used(self) -> dict[str, set[int]]:
-        """Bus name -> frame ids that active rules need (for kernel filters)."""
-        out: dict[str, set[int]] = {bus.name: set() for bus in self.spec.buses}
+    def messages_used(self) -> dict[str, set[tuple[int, bool]]]:
+        """Bus name -> (frame id, extended) of the messages that rules need."""
+        out: dict[str, set[tuple[int, bool]]] = {bus.name: set() for bus in self.spec.buses}
         for name in self.signals_used_by_rules():
-            entry = self.catalog[name]
-            out[entry.bus].add(entry.message.frame_id)
+            message = self.catalog[name].message
+            out[self.catalog[name].bus].add((message.frame_id, message.is_extended_frame))
         return out
 
     def matches_firmware(self, version: str) -> bool:
