@@ -1,0 +1,1 @@
+"""Subcommands of ``telematics-sim``, one module each (see :mod:`simulator.cli`)."""
