@@ -49,7 +49,7 @@ class BusStats:
     bus_errors: int = 0
     reopens: int = 0
     kernel_drops: int = 0
-    receive_buffer_bytes: int = 0
+    receive_buffer_bytes: int = 0  # as the kernel reports it: twice what was asked (socket(7))
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -220,7 +220,7 @@ class BusReader(threading.Thread):
         self.stop = stop
         self.receive_buffer_bytes = receive_buffer_bytes
         self.filters = kernel_filters(processor.handlers)
-        self.reopen_wait = wait_exponential_jitter(initial=reopen_initial_s, max=reopen_max_s)
+        self.reopen_wait = wait_exponential_jitter(multiplier=reopen_initial_s, max=reopen_max_s)
         self.opened = threading.Event()
         self._drops_base = 0
 

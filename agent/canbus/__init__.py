@@ -1,0 +1,1 @@
+"""CAN interface adapters that add to what python-can offers (loss visibility)."""
