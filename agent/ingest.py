@@ -257,6 +257,11 @@ class BusReader(threading.Thread):
                 return
             self.opened.set()
             try:
+                while not self.stop.is_set() and stats.frames == 0:
+                    msg = bus.recv(timeout=0.2)
+                    if msg is not None:
+                        log.info("first frame read", bus=self.endpoint.name, wall_ns=time.time_ns())
+                        process(msg)
                 while not self.stop.is_set():
                     msg = bus.recv(timeout=0.2)
                     if msg is not None:

@@ -20,4 +20,4 @@ run_pytest() {
 echo "== pytest"
 run_pytest .venv/bin/python -m pytest -q -m "not vcan" tests
 echo "== pytest, SocketCAN tier (vcan0, vcan1)"
-run_pytest scripts/vcan-tier --ifaces "vcan0 vcan1" .venv/bin/python -m pytest -q -m vcan -p no:cacheprovider tests/vcan
+VCAN_REQUIRED=1 run_pytest scripts/vcan-tier --ifaces "vcan0 vcan1" .venv/bin/python -m pytest -q -m vcan -p no:cacheprovider tests/vcan
