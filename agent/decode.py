@@ -51,6 +51,15 @@ class FieldDecoder:
     selects: frozenset[int] | None = None  # for a multiplexer selector: the ids the database knows
     emit: bool = True  # False for a multiplexer selector no rule asked for
 
+    def little_endian_mask(self, nbits: int) -> int:
+        """The bits of this signal, positioned in the payload read as a little-endian integer."""
+        if not self.big_endian:
+            return self.mask << self.shift
+        mask = 0
+        for k in range(nbits - self.shift - self.mask.bit_length(), nbits - self.shift):
+            mask |= 1 << (8 * (k // 8) + 7 - k % 8)  # big-endian bit index k -> byte k//8
+        return mask
+
     def raw(self, little: int, big: int) -> int:
         raw = ((big if self.big_endian else little) >> self.shift) & self.mask
         if self.sign_bit and raw & self.sign_bit:
@@ -103,6 +112,9 @@ class MessageDecoder:
             self._add(entry.signal, entry.name, entry.out_of_range)
         self.needed_names = [e.name for e in entries]
         self.any_big = any(f.big_endian for f in self.fields)
+        self.relevant_mask = 0
+        for f in self.fields:
+            self.relevant_mask |= f.little_endian_mask(self.nbits)
 
     def _add(self, signal: Signal, name: str | None, out_of_range: str) -> int:
         key = signal.name
@@ -125,13 +137,23 @@ class MessageDecoder:
         self._index[key] = len(self.fields) - 1
         return len(self.fields) - 1
 
-    def decode(self, data: bytes | bytearray) -> DecodeResult:
+    def relevant_bits(self, data: bytes | bytearray) -> int:
+        """The payload's bits that needed signals (and their selectors) occupy, as one integer.
+
+        Frames whose relevant bits equal the previous frame's carry the same values, even when
+        alive counters or checksums in other bits changed, so they need no decoding.
+        """
         if len(data) not in self.accepted_lengths:
             raise FrameRejected("wrong_length", f"{self.message.name} (0x{self.frame_id:X}) has "
                                 f"{len(data)} bytes, database says {self.length}")
-        payload = bytes(data[: self.length])
-        little = int.from_bytes(payload, "little")
-        big = int.from_bytes(payload, "big") if self.any_big else 0
+        return int.from_bytes(data, "little") & self.relevant_mask
+
+    def decode(self, data: bytes | bytearray) -> DecodeResult:
+        return self.decode_bits(self.relevant_bits(data))
+
+    def decode_bits(self, little: int) -> DecodeResult:
+        """Decode from :meth:`relevant_bits` (bits of signals not needed are zero)."""
+        big = int.from_bytes(little.to_bytes(self.length, "little"), "big") if self.any_big else 0
         result = DecodeResult()
         raws: list[int] = []
         for f in self.fields:

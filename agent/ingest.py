@@ -1,9 +1,10 @@
 """CAN ingestion: python-can buses in, decoded values into the rule engine.
 
 :class:`FrameProcessor` is the per-frame hot path (no I/O): drop what is not needed,
-skip decoding when a frame repeats its predecessor byte for byte (most frames on a
-real bus do), decode only needed signals otherwise. :class:`BusReader` is the thin
-adapter around one python-can bus: kernel filters, receive buffer, reopen with backoff.
+skip decoding when the bits holding needed signals repeat the previous frame's (most
+frames on a real bus only change their alive counter and checksum), and otherwise decode
+only the needed signals. :class:`BusReader` is the thin adapter around one python-can bus:
+kernel filters, receive buffer, reopen with backoff.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class BusStats:
 class FrameHandler:
     decoder: MessageDecoder
     names: list[str]
-    last_data: bytes = b""
+    last_bits: int = -1  # relevant bits of the last decoded frame; -1: none yet
     repeat_names: list[str] = field(default_factory=list)
 
 
@@ -145,14 +146,14 @@ class FrameProcessor:
                          id=hex(msg.arbitration_id), extended=msg.is_extended_id)
             return
         now = self.clock()
-        data = bytes(msg.data)
-        if data == handler.last_data:
-            stats.repeated += 1
-            with self.lock:
-                self.engine.repeat(now, handler.names)
-            return
         try:
-            result = handler.decoder.decode(data)
+            bits = handler.decoder.relevant_bits(msg.data)
+            if bits == handler.last_bits:
+                stats.repeated += 1
+                with self.lock:
+                    self.engine.repeat(now, handler.names)
+                return
+            result = handler.decoder.decode_bits(bits)
         except FrameRejected as exc:
             if exc.reason == "wrong_length":
                 stats.wrong_length += 1
@@ -161,7 +162,7 @@ class FrameProcessor:
             if self.limiter.allow((self.bus, key, exc.reason)):
                 log.warning("frame rejected", bus=self.bus, reason=exc.reason, detail=exc.detail)
             return
-        handler.last_data = data
+        handler.last_bits = bits
         stats.decoded += 1
         if result.out_of_range:
             stats.out_of_range += len(result.out_of_range)

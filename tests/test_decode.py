@@ -130,3 +130,15 @@ def test_float_and_extended_message() -> None:
     values = dict(decoder.decode(data).values)
     assert values["Vehicle.Pressure"] == -2.5
     assert values["Vehicle.Flow"] == pytest.approx(1010.5)
+
+
+def test_relevant_bits_ignore_counters_and_unneeded_signals() -> None:
+    (decoder, message), = [(d, m) for d, m in _decoders(UNIT) if m.name == "Dynamics"]  # type: ignore[attr-defined]
+    base = {"Speed": 50.0, "Brake": 10, "Steering": -12.5, "Gear": 3, "Dyn_Counter": 0, "Temp": 20}
+    first = decoder.relevant_bits(message.encode(base))  # type: ignore[attr-defined]
+    assert decoder.relevant_bits(message.encode({**base, "Dyn_Counter": 7})) == first  # type: ignore[attr-defined]
+    assert decoder.relevant_bits(message.encode({**base, "Speed": 50.01})) != first  # type: ignore[attr-defined]
+    (body, body_message), = [(d, m) for d, m in _decoders(UNIT) if m.name == "BodyBE"]  # type: ignore[attr-defined]
+    a = body.relevant_bits(body_message.encode({"Voltage": 12.0, "Torque": 5, "DoorState": 0, "Lock": 0}))  # type: ignore[attr-defined]
+    b = body.relevant_bits(body_message.encode({"Voltage": 12.0, "Torque": 5, "DoorState": 0, "Lock": 1}))  # type: ignore[attr-defined]
+    assert a != b  # big-endian single-bit signal is inside the mask
