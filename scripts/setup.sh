@@ -28,7 +28,7 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >&2
-    .venv/bin/python -m pip install -q -e '.[dev]' >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' >&2
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
