@@ -105,9 +105,9 @@ class OutboxSettings(BaseModel):
                                    description="Largest MQTT payload (AWS IoT Core: 128 KiB)")
     compression: Literal["zstd", "zlib", "none"] = "zstd"
     drain_order: DrainOrder = Field(
-        default="oldest_first",
-        description="Order of the backlog within a priority class; interleaved alternates "
-                    "newest (live) and oldest (backlog) batches")
+        default="interleaved",
+        description="Order of the backlog within a priority class; interleaved (default) drains "
+                    "the backlog oldest first, alternating with the newest (live) batch")
 
     @model_validator(mode="after")
     def _room_for_batches(self) -> OutboxSettings:
