@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.errors import ConfigError
 from agent.profile.loader import validate_model
 from agent.profile.yamlsrc import load_yaml_file
+from agent.uplink.service import UplinkSettings
 
 
 class _Strict(BaseModel):
@@ -25,6 +26,9 @@ class BusOverride(_Strict):
     interface: str | None = None
     channel: str | None = None
     bitrate: int | None = Field(default=None, gt=0)
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="extra python-can arguments of the interface, "
+        "e.g. tty_baudrate for slcan or speed for sim-replay")
 
 
 class CanSettings(_Strict):
@@ -57,20 +61,34 @@ class AgentConfig(_Strict):
     vehicle_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
     profile: str = Field(description="vehicle profile path, relative to this file")
     firmware_version: str | None = Field(default=None, description="checked against the profile")
-    data_dir: str = "/var/lib/telematics-agent"
     buses: dict[str, BusOverride] = Field(default_factory=dict)
     can: CanSettings = CanSettings()
     clock: ClockSettings = ClockSettings()
-    output: Output = JsonLinesOutput(type="jsonl")
+    output: Output | None = Field(default=None, description="local JSON-lines copy of the records; "
+                                  "without uplink and output, records go to stdout")
+    uplink: UplinkSettings | None = None
     log: LogSettings = LogSettings()
 
 
 def load_agent_config(path: str | Path) -> tuple[AgentConfig, Path]:
-    """Return the config and the resolved profile path."""
+    """Return the config, with file paths resolved against its directory, and the profile path."""
     path = Path(path)
     data, source = load_yaml_file(path)
     config: AgentConfig = validate_model(AgentConfig, data, source)
-    profile = (path.parent / config.profile).resolve()
+    base = path.parent
+    profile = (base / config.profile).resolve()
     if not profile.is_file():
         raise ConfigError([source.problem(("profile",), f"profile not found: {profile}")])
+    if config.uplink is not None:
+        mqtt, outbox = config.uplink.mqtt, config.uplink.outbox
+        for key in ("ca_file", "cert_file", "key_file"):
+            file = base / getattr(mqtt, key)
+            if not file.is_file():
+                raise ConfigError([source.problem(("uplink", "mqtt", key), f"file not found: {file}")])
+        uplink = config.uplink.model_copy(update={
+            "mqtt": mqtt.model_copy(update={k: (base / getattr(mqtt, k)).resolve()
+                                            for k in ("ca_file", "cert_file", "key_file")}),
+            "outbox": outbox.model_copy(update={"path": (base / outbox.path).resolve()}),
+        })
+        config = config.model_copy(update={"uplink": uplink})
     return config, profile

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +74,7 @@ class BusEndpoint:
     bitrate: int
     fd: bool
     data_bitrate: int | None
+    options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
 
 def build_handlers(profile: LoadedProfile, bus: str, engine: RuleEngine) -> dict[int, FrameHandler]:
@@ -181,7 +182,7 @@ SOFTWARE_FILTERED_INTERFACES = frozenset({"virtual"})
 def open_bus(endpoint: BusEndpoint, filters: list[can.typechecking.CanFilter],
              receive_buffer_bytes: int) -> can.BusABC:
     """Open one python-can bus; SocketCAN gets the loss-visible adapter."""
-    kwargs: dict[str, Any] = {"fd": endpoint.fd}
+    kwargs: dict[str, Any] = {**endpoint.options, "fd": endpoint.fd}
     if endpoint.interface not in SOFTWARE_FILTERED_INTERFACES:
         kwargs["can_filters"] = filters
     try:

@@ -31,7 +31,7 @@ def resolve_endpoints(profile: LoadedProfile,
         o = overrides.get(bus.name, BusOverride())
         endpoints.append(BusEndpoint(bus.name, o.interface or bus.interface,
                                      o.channel or bus.channel, o.bitrate or bus.bitrate,
-                                     bus.fd, bus.data_bitrate))
+                                     bus.fd, bus.data_bitrate, o.options))
     return endpoints
 
 

@@ -70,6 +70,21 @@ class JsonLinesSink(Sink):
                 self._out.flush()
 
 
+class TeeSink(Sink):
+    """Delivers every record to several sinks (the uplink and a local copy)."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def emit(self, records: list[Record]) -> None:
+        for sink in self.sinks:
+            sink.emit(records)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
 class MemorySink(Sink):
     """Keeps records in a list; for tests and benchmarks."""
 

@@ -13,7 +13,9 @@ from agent.errors import ConfigError
 from agent.logs import configure_logging
 from agent.pipeline import Pipeline, PipelineSettings
 from agent.profile.loader import load_profile
-from agent.sinks import sink_class
+from agent.records import Sink
+from agent.sinks import TeeSink, sink_class
+from agent.uplink.service import Uplink
 
 HELP = "run the agent"
 
@@ -52,9 +54,6 @@ def run(args: argparse.Namespace) -> int:
     config, profile_path = _config(args)
     overrides = dict(config.buses)
     overrides.update(dict(args.bus))
-    output = config.output
-    if args.output:
-        output = JsonLinesOutput(type="jsonl", path=args.output)
     configure_logging(args.log_level or config.log.level, config.log.format)
     profile = load_profile(profile_path)
     unknown = sorted(set(overrides) - {b.name for b in profile.spec.buses})
@@ -65,17 +64,33 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError.single(
             profile_path, f"firmware {config.firmware_version} is not covered by this profile "
             f"({', '.join(profile.spec.vehicle.firmware_versions)})", path="vehicle.firmware_versions")
-    sink = sink_class(output.type)(output.path)
-    pipeline = Pipeline(profile, sink, overrides, PipelineSettings(config.can, config.clock))
+
+    uplink = Uplink(config.uplink, config.vehicle_id) if config.uplink else None
+    sinks: list[Sink] = [uplink.sink] if uplink else []
+    output = JsonLinesOutput(type="jsonl", path=args.output) if args.output else config.output
+    if output is not None or not sinks:
+        output = output or JsonLinesOutput(type="jsonl")
+        sinks.append(sink_class(output.type)(output.path))
+    pipeline = Pipeline(profile, sinks[0] if len(sinks) == 1 else TeeSink(sinks), overrides,
+                        PipelineSettings(config.can, config.clock))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         pipeline.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    pipeline.run(args.duration)
+    if uplink:
+        uplink.start()
+    try:
+        pipeline.run(args.duration)
+    finally:
+        if uplink:
+            uplink.close()
+    stats = pipeline.stats()
+    if uplink:
+        stats["uplink"] = uplink.stats()
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as fh:
-            json.dump(pipeline.stats(), fh, indent=2)
-    print(json.dumps(pipeline.stats()), file=sys.stderr)
+            json.dump(stats, fh, indent=2, default=str)
+    print(json.dumps(stats, default=str), file=sys.stderr)
     return 0

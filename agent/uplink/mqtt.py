@@ -30,7 +30,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -86,6 +86,7 @@ class MqttSettings(BaseModel):
     denied_retry_min_s: float = Field(5.0, gt=0)
     denied_retry_max_s: float = Field(600.0, gt=0)
     puback_timeout_s: float = Field(60.0, gt=0)
+    status_interval_s: float = Field(60.0, gt=0, description="how often the retained status is refreshed")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -123,9 +124,11 @@ class Topics:
         return self.stream(STATUS)
 
 
-def status_payload(state: Literal["online", "offline"], vehicle_id: str) -> bytes:
+def status_payload(state: Literal["online", "offline"], vehicle_id: str,
+                   fields: Mapping[str, object] | None = None) -> bytes:
     """Retained JSON on the status topic; small enough to read with mosquitto_sub."""
-    return json.dumps({"state": state, "vehicle_id": vehicle_id}, sort_keys=True).encode()
+    body = {**(fields or {}), "state": state, "vehicle_id": vehicle_id}
+    return json.dumps(body, sort_keys=True).encode()
 
 
 # --------------------------------------------------------------------------- identity / TLS
@@ -383,6 +386,19 @@ class StoredBatch(Protocol):
     def payload(self) -> bytes: ...
 
 
+class StatusSource(Protocol):
+    """Extra fields for the online status (e.g. the outbox's loss report).
+
+    ``status_report`` returns the fields and a token; ``status_delivered(token)`` is called
+    once the broker acknowledged a status message carrying them, so counts reported upstream
+    can be cleared exactly once.
+    """
+
+    def status_report(self) -> tuple[dict[str, object], object]: ...
+
+    def status_delivered(self, token: object) -> None: ...
+
+
 class BatchSource(Protocol):
     """Where the publisher gets batches (the outbox). Called from the publisher's thread."""
 
@@ -438,6 +454,8 @@ class _Session:
     end: ConnectFailure | None = None
     socket_error: str | None = None
     status_mid: int | None = None
+    status_token: object = None
+    status_sent_at: float = 0.0
 
 
 class MqttPublisher:
@@ -452,6 +470,7 @@ class MqttPublisher:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         tls_context: ssl.SSLContext | None = None,
+        status: StatusSource | None = None,
     ) -> None:
         """``tls_context`` replaces the one built from the settings' files (for keys held
         elsewhere, e.g. in a TPM); it must still verify the broker fully."""
@@ -462,6 +481,7 @@ class MqttPublisher:
         self._tls = tls_context or build_tls_context(settings)
         check_tls_context(self._tls)
         self._source = source
+        self._status = status
         self._clock = clock
         self._rng = rng
         self._lock = threading.Lock()
@@ -605,6 +625,8 @@ class MqttPublisher:
                 session, ConnectFailure("puback_timeout", "broker did not acknowledge in time")
             )
             return
+        if now - session.status_sent_at >= self.settings.status_interval_s:
+            self._publish_status(session, now)
         self._fill_window(session, now)
 
     def _end_session(self, session: _Session, end: ConnectFailure | None) -> None:
@@ -689,10 +711,7 @@ class MqttPublisher:
         for entry in self._inflight.values():
             entry.sent_at = now
         self._count("connects")
-        info = client.publish(
-            self.topics.status, status_payload("online", self.vehicle_id), qos=QOS, retain=True
-        )
-        session.status_mid = info.mid
+        self._publish_status(session, now)
         log.info(
             "mqtt connected",
             broker=f"{self.settings.host}:{self.settings.port}",
@@ -700,6 +719,22 @@ class MqttPublisher:
             window=self._window,
             resending=len(self._inflight),
         )
+
+    def _publish_status(self, session: _Session, now: float) -> None:
+        fields: dict[str, object] = {}
+        token: object = None
+        if self._status is not None:
+            try:
+                fields, token = self._status.status_report()
+            except Exception as exc:  # a failing report must not stop the uplink
+                self._count("source_errors")
+                log.error("status report failed", error=repr(exc))
+        info = self._client.publish(
+            self.topics.status, status_payload("online", self.vehicle_id, fields), qos=QOS, retain=True
+        )
+        session.status_mid = info.mid
+        session.status_token = token
+        session.status_sent_at = now
 
     def _on_disconnect(
         self,
@@ -738,6 +773,9 @@ class MqttPublisher:
         if session is not None and mid == session.status_mid:
             if reason_code.is_failure:
                 log.warning("broker refused status message", reason=str(reason_code))
+            elif self._status is not None and session.status_token is not None:
+                token, session.status_token = session.status_token, None
+                self._status.status_delivered(token)
             return
         entry = self._inflight.pop(mid, None)
         if entry is None:
