@@ -24,6 +24,7 @@ SUBCOMMANDS: list[str] = [
     "simulator.commands.drive",
     "simulator.commands.replay",
     "simulator.commands.load",
+    "simulator.commands.backend",
 ]
 
 
