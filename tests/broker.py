@@ -77,6 +77,7 @@ class MosquittoBroker:
         acl: AclPolicy | None = None,
         server_identity: str = "broker",
         bind_client_id: bool = True,
+        persistence: bool = False,
     ) -> None:
         self.pki = pki
         self.port = port or free_port()
@@ -84,7 +85,8 @@ class MosquittoBroker:
         self.files: BrokerFiles = write_broker_config(
             self.workdir,
             BrokerConfig(
-                port=self.port, acl=acl or AclPolicy(), bind_client_id_to_identity=bind_client_id
+                port=self.port, acl=acl or AclPolicy(), bind_client_id_to_identity=bind_client_id,
+                persistence=persistence,
             ),
             ca_cert=pki.ca_cert,
             broker_cert=pki.cert(server_identity),

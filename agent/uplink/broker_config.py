@@ -71,6 +71,9 @@ class BrokerConfig:
     bind_address: str = "127.0.0.1"
     acl: AclPolicy = field(default_factory=AclPolicy)
     persistence: bool = False
+    # Messages queued per offline persistent session (a backend that restarts); mosquitto's
+    # default of 1000 is a few minutes of one vehicle's batches.
+    max_queued_messages: int = 100_000
     # Replace each client's client id by its certificate CN. Without it mosquitto lets a
     # client with another vehicle's id but its own certificate disconnect that vehicle.
     bind_client_id_to_identity: bool = True
@@ -87,6 +90,7 @@ class BrokerConfig:
         ]
         if self.persistence:
             lines.append(f"persistence_location {files.directory}/")
+        lines.append(f"max_queued_messages {self.max_queued_messages}")
         lines += [
             "log_dest stderr",
             "log_type error",
