@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.broker import MosquittoBroker, make_dev_pki, wait_until
+from agent.errors import EX_CONFIG
+from tests.broker import VEHICLE_ID, MosquittoBroker, make_dev_pki, wait_until
 from tests.uplink_harness import AgentProcess, outbox_seqs, write_config
 
 
@@ -45,3 +46,16 @@ def test_publish_denied_by_acl_stays_in_the_outbox(tmp_path: Path) -> None:
     stored = outbox_seqs(config)
     assert stored and stored[0] == 1  # the very first batch is still there
     assert "0x87" in agent.log_text()  # Not authorized, from the MQTT v5 PUBACK
+
+
+def test_agent_refuses_a_private_key_others_can_read(tmp_path: Path) -> None:
+    pki = make_dev_pki(tmp_path / "pki")
+    config = write_config(tmp_path / "agent", pki, 1883)
+    key = pki.key(VEHICLE_ID)
+    key.chmod(0o644)
+    agent = AgentProcess(config).start()
+    assert agent.proc is not None
+    assert agent.proc.wait(60) == EX_CONFIG
+    log = agent.log_text()
+    assert str(key) in log and "chmod 600" in log and "accessible by group and others" in log
+    assert not (config.parent / "outbox.sqlite").exists()  # refused before anything was written

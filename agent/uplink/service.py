@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent.batcher import OutboxSink, new_boot_id
 from agent.outbox import LossReport, Outbox, OutboxSettings
-from agent.uplink.mqtt import MqttPublisher, MqttSettings
+from agent.uplink.mqtt import MqttPublisher, MqttSettings, check_identity
 
 
 class UplinkSettings(BaseModel):
@@ -29,6 +29,7 @@ class Uplink:
         self.settings = settings
         self.vehicle_id = vehicle_id
         self.boot_id = new_boot_id()
+        check_identity(settings.mqtt, vehicle_id)  # refuse a bad identity before touching disk
         self.outbox = Outbox(settings.outbox)
         try:
             self.sink = OutboxSink(self.outbox, vehicle_id=vehicle_id, boot_id=self.boot_id)
