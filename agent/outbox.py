@@ -45,6 +45,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.errors import TransientError
+from agent.logs import LogLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -246,6 +247,7 @@ class Outbox:
     def __init__(self, settings: OutboxSettings, *,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.settings = settings
+        self._log_limiter = LogLimiter()
         self.path = Path(settings.path)
         self.sidecar_path = self.path.with_name(self.path.name + ".seq")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
@@ -500,9 +502,12 @@ class Outbox:
                 counts[1] += samples
             for priority, (batches, samples) in by_class.items():
                 self._count_loss(priority, "evicted", batches, samples)
-                log.warning("outbox_evicted", priority=Priority(priority).label,
-                            batches=batches, samples=samples,
-                            first_seq=victims[0][0], used_bytes=self._used_bytes())
+                # A full outbox evicts on every commit: log once a minute per class, with totals.
+                if self._log_limiter.allow(("evicted", priority)):
+                    log.warning("outbox_evicted", priority=Priority(priority).label,
+                                batches=batches, samples=samples, first_seq=victims[0][0],
+                                used_bytes=self._used_bytes(), evictions_not_logged=(
+                                    self._log_limiter.take_suppressed(("evicted", priority))))
 
     # ------------------------------------------------------------------ public API
 
