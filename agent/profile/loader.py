@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from pydantic import BaseModel, ValidationError
 
 from agent import expr
 from agent.errors import ConfigError, ConfigProblem
-from agent.profile.model import AggregateRule, TriggerRule, VehicleProfile
+from agent.profile.model import (
+    AggregateRule,
+    CanAction,
+    CommandSpec,
+    ParameterSpec,
+    SetRuleAction,
+    TriggerRule,
+    VehicleProfile,
+)
 from agent.profile.yamlsrc import Loc, SourceMap, format_path, load_yaml_file
 
 _DB_LOADERS = {
@@ -63,6 +71,7 @@ class LoadedProfile:
     databases: dict[str, Database]
     catalog: dict[str, CatalogSignal]
     conditions: dict[str, expr.Expression]
+    preconditions: dict[str, list[expr.Expression]] = field(default_factory=dict)
 
     def signals_used_by_rules(self) -> set[str]:
         used: set[str] = set()
@@ -176,9 +185,10 @@ def load_profile(path: str | Path) -> LoadedProfile:
     databases = _load_databases(path, spec, source, problems)
     catalog = _resolve_catalog(spec, databases, source, problems)
     conditions = _check_rules(spec, catalog, source, problems)
+    preconditions = _check_commands(spec, databases, catalog, source, problems)
     if problems:
         raise ConfigError(problems)
-    return LoadedProfile(path, spec, source, databases, catalog, conditions)
+    return LoadedProfile(path, spec, source, databases, catalog, conditions, preconditions)
 
 
 def _duplicates(names: list[str], loc_prefix: str, source: SourceMap, what: str,
@@ -347,3 +357,94 @@ def _check_expression_types(condition: expr.Expression, catalog: dict[str, Catal
 
 __all__ = ["CatalogSignal", "LoadedProfile", "format_path", "load_profile", "normalise_unit",
            "pydantic_problems", "validate_model"]
+
+
+SETTABLE_RULE_FIELDS = {"period_ms", "window_ms", "deadband", "min_interval_ms"}
+
+
+def _check_parameter(spec: ParameterSpec, loc: Loc, source: SourceMap, problems: list[ConfigProblem]) -> None:
+    if spec.type == "enum" and not spec.choices:
+        problems.append(source.problem((*loc, "choices"), "an enum parameter needs choices"))
+    if spec.type != "enum" and spec.choices:
+        problems.append(source.problem((*loc, "choices"), f"choices apply to enums, not {spec.type}"))
+    if spec.min is not None and spec.max is not None and spec.min > spec.max:
+        problems.append(source.problem((*loc, "min"), f"min {spec.min} is above max {spec.max}"))
+
+
+def _check_commands(spec: VehicleProfile, databases: dict[str, Database], catalog: dict[str, CatalogSignal],
+                    source: SourceMap, problems: list[ConfigProblem]) -> dict[str, list[expr.Expression]]:
+    _duplicates([c.name for c in spec.commands], "commands", source, "command", problems)
+    allowed: set[tuple[str, str]] = set()
+    for i, entry in enumerate(spec.actuation_allow):
+        loc: Loc = ("actuation_allow", i)
+        if entry.bus not in databases:
+            problems.append(source.problem((*loc, "bus"), f"unknown bus {entry.bus!r}"))
+        elif _find_message(databases[entry.bus], entry.message) is None:
+            problems.append(source.problem((*loc, "message"),
+                                           f"message {entry.message!r} not found on bus {entry.bus!r}"))
+        allowed.add((entry.bus, entry.message))
+    rule_types = {r.name: r for r in spec.rules}
+    compiled: dict[str, list[expr.Expression]] = {}
+    for i, command in enumerate(spec.commands):
+        loc = ("commands", i)
+        for name, parameter in command.parameters.items():
+            _check_parameter(parameter, (*loc, "parameters", name), source, problems)
+
+        def check_reference(value: object, where: Loc, command: CommandSpec = command) -> None:
+            if isinstance(value, str) and value.startswith("$") and value[1:] not in command.parameters:
+                problems.append(source.problem(where, f"{value} is not a parameter of {command.name}"))
+
+        action = command.action
+        aloc: Loc = (*loc, "action")
+        if isinstance(action, CanAction):
+            message = _find_message(databases[action.bus], action.message) if action.bus in databases else None
+            if action.bus not in databases:
+                problems.append(source.problem((*aloc, "bus"), f"unknown bus {action.bus!r}"))
+            elif message is None:
+                problems.append(source.problem((*aloc, "message"),
+                                               f"message {action.message!r} not found on bus {action.bus!r}"))
+            elif (action.bus, action.message) not in allowed:
+                problems.append(source.problem((*aloc, "message"), f"{action.bus}.{action.message} is not "
+                                               "in actuation_allow: commands may send only allowed messages"))
+            if message is not None:
+                names = {sig.name for sig in message.signals}
+                for signal_name, value in action.signals.items():
+                    if signal_name not in names:
+                        problems.append(source.problem((*aloc, "signals", signal_name),
+                                                       f"signal {signal_name!r} not in message {message.name}"))
+                    check_reference(value, (*aloc, "signals", signal_name))
+        elif isinstance(action, SetRuleAction):
+            rule = rule_types.get(action.rule)
+            if rule is None:
+                problems.append(source.problem((*aloc, "rule"), f"unknown rule {action.rule!r}"))
+            for field_name, parameter in action.parameters.items():
+                ploc = (*aloc, "parameters", field_name)
+                if field_name not in SETTABLE_RULE_FIELDS or (rule is not None and not hasattr(rule, field_name)):
+                    problems.append(source.problem(ploc, f"{field_name!r} is not a settable field of rule "
+                                                   f"{action.rule!r}"))
+                if parameter.type not in ("int", "float"):
+                    problems.append(source.problem((*ploc, "type"), "rule fields are numeric (int or float)"))
+                _check_parameter(parameter, ploc, source, problems)
+        else:
+            for j, name in enumerate(getattr(action, "signals", [])):
+                if name not in catalog:
+                    problems.append(source.problem((*aloc, "signals", j), f"unknown signal {name!r}"))
+        expressions = []
+        for j, pre in enumerate(command.preconditions):
+            ploc = (*loc, "preconditions", j, "condition")
+            try:
+                condition = expr.parse(pre.condition)
+            except expr.ExpressionError as exc:
+                problems.append(source.problem(ploc, f"invalid expression: {exc}"))
+                continue
+            for name in sorted(condition.signals - set(catalog)):
+                problems.append(source.problem(ploc, f"unknown signal {name!r} in expression"))
+            _check_expression_types(condition, catalog, ploc, source, problems)
+            expressions.append(condition)
+        compiled[command.name] = expressions
+        if command.confirm is not None:
+            if command.confirm.signal not in catalog:
+                problems.append(source.problem((*loc, "confirm", "signal"),
+                                               f"unknown signal {command.confirm.signal!r}"))
+            check_reference(command.confirm.equals, (*loc, "confirm", "equals"))
+    return compiled

@@ -105,9 +105,100 @@ Rule = Annotated[
 ]
 
 
+ParameterValue = int | float | bool | str
+
+
+class ParameterSpec(_Strict):
+    """One parameter of a remote command; anything outside it is rejected."""
+
+    type: Literal["int", "float", "bool", "enum"]
+    min: float | None = None
+    max: float | None = None
+    choices: list[str] | None = Field(default=None, description="allowed values of an enum")
+    default: ParameterValue | None = Field(default=None, description="makes the parameter optional")
+
+
+class AllowedMessage(_Strict):
+    """A message the agent may transmit. Nothing else is ever sent on a bus."""
+
+    bus: Identifier
+    message: str
+
+
+class CanAction(_Strict):
+    """Encode a database message from constants and parameters and send it."""
+
+    type: Literal["can"]
+    bus: Identifier
+    message: str
+    signals: dict[str, ParameterValue] = Field(
+        description="signal -> constant, or '$name' for the command parameter 'name'; "
+                    "signals not listed take their database initial value")
+    repeat: int = Field(default=1, ge=1, le=50)
+    interval_ms: int = Field(default=0, ge=0, le=10_000)
+
+
+class SnapshotAction(_Strict):
+    """Report the current value of signals now (all catalog signals when none are named)."""
+
+    type: Literal["snapshot"]
+    signals: list[SignalName] = Field(default_factory=list)
+
+
+class SetRuleAction(_Strict):
+    """Change a collection rule's parameters, within bounds the profile allows."""
+
+    type: Literal["set_rule"]
+    rule: Identifier
+    parameters: dict[str, ParameterSpec] = Field(
+        description="rule field (e.g. period_ms) -> the range a command may set it to")
+
+
+class StatusAction(_Strict):
+    """Report the agent's status (buses, outbox, rules)."""
+
+    type: Literal["status"]
+
+
+CommandAction = Annotated[CanAction | SnapshotAction | SetRuleAction | StatusAction,
+                          Field(discriminator="type")]
+
+
+class Precondition(_Strict):
+    condition: str = Field(min_length=1, max_length=2000, description="expression over signals")
+    max_age_ms: int = Field(default=1000, gt=0, le=600_000,
+                            description="every signal it reads must be at most this old")
+
+
+class Confirmation(_Strict):
+    """Wait for a feedback signal to reach a value; report succeeded or failed with what was seen."""
+
+    signal: SignalName
+    equals: ParameterValue = Field(description="expected value, or '$name' for a parameter")
+    timeout_ms: int = Field(gt=0, le=600_000)
+
+
+class RateLimit(_Strict):
+    max_commands: int = Field(gt=0)
+    per_s: float = Field(gt=0)
+
+
+class CommandSpec(_Strict):
+    name: Identifier
+    description: str = ""
+    parameters: dict[Identifier, ParameterSpec] = Field(default_factory=dict)
+    preconditions: list[Precondition] = Field(default_factory=list)
+    action: CommandAction
+    confirm: Confirmation | None = None
+    rate_limit: RateLimit | None = None
+
+
 class VehicleProfile(_Strict):
     schema_version: Literal[1] = Field(description="Version of this profile schema")
     vehicle: VehicleInfo
     buses: list[BusSpec] = Field(min_length=1)
     signals: list[SignalSpec] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
+    actuation_allow: list[AllowedMessage] = Field(
+        default_factory=list, description="the only messages remote commands may send")
+    commands: list[CommandSpec] = Field(default_factory=list)
