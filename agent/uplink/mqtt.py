@@ -25,6 +25,7 @@ deliberately no option to turn hostname checks off.
 from __future__ import annotations
 
 import json
+import queue
 import random
 import re
 import ssl
@@ -86,6 +87,8 @@ class MqttSettings(BaseModel):
     denied_retry_min_s: float = Field(5.0, gt=0)
     denied_retry_max_s: float = Field(600.0, gt=0)
     puback_timeout_s: float = Field(60.0, gt=0)
+    session_expiry_s: int = Field(86_400, ge=0, description="how long the broker keeps command "
+                                  "requests for this vehicle while it is offline (MQTT v5)")
     status_interval_s: float = Field(60.0, gt=0, description="how often the retained status is refreshed")
 
     @field_validator("topic_prefix")
@@ -386,6 +389,17 @@ class StoredBatch(Protocol):
     def payload(self) -> bytes: ...
 
 
+class CommandInbox(Protocol):
+    """Receives command requests (``{prefix}/{vehicle}/cmd/req/+``) from the publisher's thread.
+
+    ``deliver`` must return quickly; it calls ``ack`` (from any thread) once the request is
+    durably accepted or rejected, and only then does the broker drop it. A request not acked
+    before a crash is redelivered on the next session.
+    """
+
+    def deliver(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None: ...
+
+
 class StatusSource(Protocol):
     """Extra fields for the online status (e.g. the outbox's loss report).
 
@@ -471,6 +485,7 @@ class MqttPublisher:
         rng: Callable[[], float] = random.random,
         tls_context: ssl.SSLContext | None = None,
         status: StatusSource | None = None,
+        inbox: CommandInbox | None = None,
     ) -> None:
         """``tls_context`` replaces the one built from the settings' files (for keys held
         elsewhere, e.g. in a TPM); it must still verify the broker fully."""
@@ -482,6 +497,8 @@ class MqttPublisher:
         check_tls_context(self._tls)
         self._source = source
         self._status = status
+        self._inbox = inbox
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._clock = clock
         self._rng = rng
         self._lock = threading.Lock()
@@ -565,7 +582,9 @@ class MqttPublisher:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.vehicle_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else True,
+            # with commands, the broker keeps the session (and queued requests) while offline
+            clean_session=None if v5 else self._inbox is None,
+            manual_ack=self._inbox is not None,
         )
         client.tls_set_context(self._tls)
         client.connect_timeout = self.settings.connect_timeout_s
@@ -577,6 +596,7 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_log = self._on_log
+        client.on_message = self._on_message
         return client
 
     def _open_session(self) -> None:
@@ -586,7 +606,12 @@ class MqttPublisher:
         self._count("connect_attempts")
         s = self.settings
         try:
-            if s.protocol == "5":
+            if s.protocol == "5" and self._inbox is not None:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = s.session_expiry_s
+                rc = self._client.connect(s.host, s.port, s.keepalive_s, clean_start=False,
+                                          properties=properties)
+            elif s.protocol == "5":
                 rc = self._client.connect(s.host, s.port, s.keepalive_s, clean_start=True)
             else:
                 rc = self._client.connect(s.host, s.port, s.keepalive_s)
@@ -625,6 +650,7 @@ class MqttPublisher:
                 session, ConnectFailure("puback_timeout", "broker did not acknowledge in time")
             )
             return
+        self._send_acks()
         if now - session.status_sent_at >= self.settings.status_interval_s:
             self._publish_status(session, now)
         self._fill_window(session, now)
@@ -711,6 +737,8 @@ class MqttPublisher:
         for entry in self._inflight.values():
             entry.sent_at = now
         self._count("connects")
+        if self._inbox is not None:
+            client.subscribe(self.topics.stream("cmd/req/+"), qos=QOS)
         self._publish_status(session, now)
         log.info(
             "mqtt connected",
@@ -719,6 +747,29 @@ class MqttPublisher:
             window=self._window,
             resending=len(self._inflight),
         )
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if self._inbox is None:
+            return
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:
+            if qos > 0:
+                self._acks.put(mid)
+
+        try:
+            self._inbox.deliver(message.topic, bytes(message.payload), ack)
+        except Exception as exc:  # a failing inbox must not stop the uplink; redelivered later
+            self._count("source_errors")
+            log.error("command inbox failed", topic=message.topic, error=repr(exc))
+
+    def _send_acks(self) -> None:
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self._client.ack(mid, QOS)
 
     def _publish_status(self, session: _Session, now: float) -> None:
         fields: dict[str, object] = {}
