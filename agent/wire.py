@@ -630,6 +630,12 @@ def _cbor(data: bytes, what: str) -> Any:
     return value
 
 
+def strict_cbor(data: bytes, what: str) -> Any:
+    """Decode one CBOR item with no tags, no indefinite lengths, bounded depth, nothing trailing;
+    raises :class:`BatchRejected` ("bad_cbor") otherwise. For other payloads of the protocol."""
+    return _cbor(data, what)
+
+
 def _bad(where: str, message: str) -> BatchRejected:
     return BatchRejected("bad_batch", f"{where}: {message}")
 

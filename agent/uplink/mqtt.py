@@ -50,7 +50,7 @@ from agent.pki import check_private_key_file, common_name, load_certificate, val
 
 log = structlog.get_logger(__name__)
 
-DATA_STREAMS = ("telemetry", "events")
+DATA_STREAMS = ("telemetry", "events", "cmd/res")
 STATUS = "status"
 QOS = 1
 # A session that stayed up this long counts as healthy: the reconnect backoff restarts
