@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "pipeline": [sys.executable, "-m", "bench.bench_pipeline", "--seconds", "30", "--rounds", "5",
                  "--markdown", "{md}"],
     "outbox": [sys.executable, "bench/bench_outbox.py", "--seconds", "20"],
+    "uplink": [sys.executable, "-m", "bench.bench_uplink", "--markdown", "{md}"],
 }
 
 HEADER = """# Benchmarks

@@ -12,7 +12,7 @@ import os
 import ssl
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,12 +97,13 @@ class MemoryOutbox:
             out = [b for seq, b in sorted(self._pending.items()) if seq not in exclude]
             return out[:limit]
 
-    def ack(self, seq: int) -> None:
+    def ack_many(self, seqs: Sequence[int]) -> None:
         with self._lock:
-            if seq not in self._pending:
-                raise AssertionError(f"ack of unknown or already acked seq {seq}")
-            del self._pending[seq]
-            self.acked.append(seq)
+            for seq in seqs:
+                if seq not in self._pending:
+                    raise AssertionError(f"ack of unknown or already acked seq {seq}")
+                del self._pending[seq]
+                self.acked.append(seq)
 
     def unacked(self) -> list[Batch]:
         with self._lock:

@@ -420,8 +420,8 @@ class BatchSource(Protocol):
         """Up to ``limit`` un-acked batches to send next, skipping the seqs in ``exclude``."""
         ...
 
-    def ack(self, seq: int) -> object:
-        """The broker has the batch; it may be deleted (the result is ignored)."""
+    def ack_many(self, seqs: Sequence[int]) -> object:
+        """The broker has these batches; they may be deleted (the result is ignored)."""
         ...
 
 
@@ -499,6 +499,7 @@ class MqttPublisher:
         self._status = status
         self._inbox = inbox
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acked: list[int] = []
         self._clock = clock
         self._rng = rng
         self._lock = threading.Lock()
@@ -852,18 +853,26 @@ class MqttPublisher:
                 retry_in_s=round(delay, 2),
             )
             return
-        try:
-            self._source.ack(entry.seq)
-        except Exception as exc:  # the outbox failing must not stop the uplink
-            self._count("source_errors")
-            log.error("outbox ack failed; batch will be sent again", seq=entry.seq, error=repr(exc))
-            return
+        # Deleted from the outbox in one transaction per loop turn (_delete_acked): a crash
+        # before that re-sends them, which the backend detects as duplicates.
+        self._acked.append(entry.seq)
         self._retry.pop(entry.seq, None)
         self._count("acked")
+
+    def _delete_acked(self) -> None:
+        if not self._acked:
+            return
+        try:
+            self._source.ack_many(self._acked)
+        except Exception as exc:  # the outbox failing must not stop the uplink
+            self._count("source_errors")
+            log.error("outbox ack failed; batches will be sent again", seqs=len(self._acked), error=repr(exc))
+        self._acked = []
 
     # -- publishing
 
     def _fill_window(self, session: _Session, now: float) -> None:
+        self._delete_acked()
         free = self._window - len(self._inflight)
         if free <= 0:
             return
@@ -944,4 +953,5 @@ class MqttPublisher:
         elif session is not None:
             self._client.disconnect()
         self._session = None
+        self._delete_acked()
         log.info("mqtt publisher stopped", in_flight_unacked=len(self._inflight))
