@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.commands.settings import CommandSettings
 from agent.errors import ConfigError
 from agent.profile.loader import validate_model
 from agent.profile.yamlsrc import load_yaml_file
@@ -67,6 +68,7 @@ class AgentConfig(_Strict):
     output: Output | None = Field(default=None, description="local JSON-lines copy of the records; "
                                   "without uplink and output, records go to stdout")
     uplink: UplinkSettings | None = None
+    commands: CommandSettings | None = Field(default=None, description="remote commands; needs uplink")
     log: LogSettings = LogSettings()
 
 
@@ -91,4 +93,17 @@ def load_agent_config(path: str | Path) -> tuple[AgentConfig, Path]:
             "outbox": outbox.model_copy(update={"path": (base / outbox.path).resolve()}),
         })
         config = config.model_copy(update={"uplink": uplink})
+    if config.commands is not None:
+        if config.uplink is None:
+            raise ConfigError([source.problem(("commands",), "remote commands arrive over the uplink: "
+                                              "configure uplink too")])
+        keys = base / config.commands.trusted_keys
+        if not keys.is_file():
+            raise ConfigError([source.problem(("commands", "trusted_keys"), f"file not found: {keys}")])
+        commands = config.commands.model_copy(update={
+            "trusted_keys": keys.resolve(),
+            "replay": config.commands.replay.model_copy(
+                update={"path": (base / config.commands.replay.path).resolve()}),
+        })
+        config = config.model_copy(update={"commands": commands})
     return config, profile

@@ -78,8 +78,8 @@ class BusEndpoint:
 
 
 def build_handlers(profile: LoadedProfile, bus: str, engine: RuleEngine) -> dict[int, FrameHandler]:
-    """Decoders for the messages of ``bus`` that rules need, keyed by :func:`frame_key`."""
-    used = profile.signals_used_by_rules()
+    """Decoders for the messages of ``bus`` the agent needs, keyed by :func:`frame_key`."""
+    used = profile.signals_needed()
     fd = next(b.fd for b in profile.spec.buses if b.name == bus)
     by_message: dict[int, list[Any]] = {}
     for name in sorted(used):
@@ -225,6 +225,21 @@ class BusReader(threading.Thread):
         self.reopen_wait = wait_exponential_jitter(multiplier=reopen_initial_s, max=reopen_max_s)
         self.opened = threading.Event()
         self._drops_base = 0
+        # The open bus, for transmit() from other threads; the lock keeps a send from
+        # racing the bus being shut down for a reopen.
+        self._bus: can.BusABC | None = None
+        self._tx_lock = threading.Lock()
+
+    def transmit(self, msg: can.Message, timeout: float = 0.1) -> None:
+        """Send one frame on this reader's bus; :class:`BusUnavailable` when it is not open."""
+        with self._tx_lock:
+            bus = self._bus
+            if bus is None:
+                raise BusUnavailable(f"bus {self.endpoint.name} is not open")
+            try:
+                bus.send(msg, timeout=timeout)
+            except (can.CanError, OSError) as exc:
+                raise BusUnavailable(f"send on bus {self.endpoint.name} failed: {exc}") from exc
 
     def _sleep(self, seconds: float) -> None:
         self.stop.wait(seconds)
@@ -257,6 +272,8 @@ class BusReader(threading.Thread):
                 bus = self._open()
             except BusUnavailable:
                 return
+            with self._tx_lock:
+                self._bus = bus
             self.opened.set()
             try:
                 while not self.stop.is_set() and stats.frames == 0:
@@ -277,5 +294,7 @@ class BusReader(threading.Thread):
             finally:
                 self._drops_base = stats.kernel_drops
                 self.opened.clear()
+                with self._tx_lock:
+                    self._bus = None
                 with contextlib.suppress(can.CanError, OSError):
                     bus.shutdown()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import can
 import structlog
 
 from agent.clock import Clock, kernel_clock_synced
 from agent.config import BusOverride, CanSettings, ClockSettings
+from agent.errors import BusUnavailable
 from agent.ingest import BusEndpoint, BusReader, FrameProcessor, build_handlers, known_frame_keys
 from agent.logs import LogLimiter
 from agent.profile.loader import LoadedProfile
-from agent.records import Sink
+from agent.records import Record, SignalValue, Sink
 from agent.rules import RuleEngine
 
 log = structlog.get_logger(__name__)
@@ -58,12 +60,13 @@ class Pipeline:
         self.engine = RuleEngine(profile.spec.rules, profile.conditions, self.clock)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        self._injected: list[Record] = []  # from emit_records(), delivered by run()
         limiter = LogLimiter()
         self.readers: list[BusReader] = []
         for endpoint in resolve_endpoints(profile, overrides or {}):
             handlers = build_handlers(profile, endpoint.name, self.engine)
-            if not handlers:
-                log.info("no rule needs this bus; not opening it", bus=endpoint.name)
+            if not handlers and endpoint.name not in profile.actuation_buses():
+                log.info("no rule or command needs this bus; not opening it", bus=endpoint.name)
                 continue
             processor = FrameProcessor(endpoint.name, handlers, self.engine, self.lock,
                                        known_frame_keys(profile, endpoint.name),
@@ -79,6 +82,46 @@ class Pipeline:
             "rules": vars(self.engine.stats).copy(),
             "clock": {"synced": self.clock.synced, "steps": len(self.clock.steps)},
         }
+
+    # -- for remote commands (called from other threads) ---------------------------------
+    def transmit(self, bus_name: str, msg: can.Message) -> None:
+        """Send one frame on a profile bus the pipeline has open.
+
+        Raises :class:`BusUnavailable` when that bus is not open (being reopened, or never
+        opened because no rule reads it) or the send fails.
+        """
+        reader = next((r for r in self.readers if r.endpoint.name == bus_name), None)
+        if reader is None:
+            raise BusUnavailable(f"bus {bus_name} is not open: no collection rule reads it")
+        reader.transmit(msg)
+
+    def live_values(self, names: Iterable[str]) -> dict[str, tuple[SignalValue, float]]:
+        """Signal -> (latest value, monotonic receive time), for those that have one."""
+        out: dict[str, tuple[SignalValue, float]] = {}
+        with self.lock:
+            for name in names:
+                live = self.engine.live(name)
+                if live is not None:
+                    out[name] = live
+        return out
+
+    def reconfigure_rule(self, rule_name: str, fields: Mapping[str, float | int]) -> dict[str, float | int]:
+        """Change a running rule's timing (:meth:`RuleEngine.reconfigure`); ValueError if invalid."""
+        with self.lock:
+            return self.engine.reconfigure(rule_name, fields)
+
+    def emit_records(self, records: Iterable[Record]) -> None:
+        """Hand records to the sink through the pipeline thread (the sink's only caller)."""
+        with self.lock:
+            self._injected.extend(records)
+
+    def _take_records(self) -> list[Record]:
+        """Rule output and injected records; the caller holds ``self.lock``."""
+        records = self.engine.drain()
+        if self._injected:
+            records += self._injected
+            self._injected = []
+        return records
 
     def start(self) -> None:
         for reader in self.readers:
@@ -109,7 +152,7 @@ class Pipeline:
                     next_stats = now + STATS_LOG_INTERVAL_S
                 with self.lock:
                     self.engine.tick(now)
-                    records = self.engine.drain()
+                    records = self._take_records()
                     deadline = self.engine.next_deadline()
                 if records:
                     self.sink.emit(records)
@@ -129,7 +172,7 @@ class Pipeline:
             reader.join(timeout=5)
         with self.lock:
             self.engine.flush(self.clock.monotonic())
-            records = self.engine.drain()
+            records = self._take_records()
         if records:
             self.sink.emit(records)
         self.sink.close()

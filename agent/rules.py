@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from pydantic import ValidationError
 
 from agent.clock import Clock
 from agent.expr import Expression
@@ -42,6 +44,14 @@ from agent.profile.model import (
 from agent.records import Aggregate, Event, Record, Sample, SignalValue
 
 Snapshot = tuple[float, tuple[tuple[str, SignalValue], ...]]
+
+# Fields a running rule may change (RuleEngine.reconfigure), per rule type.
+RECONFIGURABLE: dict[type[Rule], frozenset[str]] = {
+    PeriodicRule: frozenset({"period_ms"}),
+    AggregateRule: frozenset({"window_ms"}),
+    OnChangeRule: frozenset({"deadband", "min_interval_ms"}),
+    TriggerRule: frozenset({"min_interval_ms"}),
+}
 
 
 @dataclass
@@ -174,6 +184,59 @@ class RuleEngine:
     @property
     def aggregated_signals(self) -> frozenset[str]:
         return frozenset(self._aggregates_by_signal)
+
+    def live(self, name: str) -> tuple[SignalValue, float] | None:
+        """Latest value of ``name`` and the monotonic time a frame last carried it."""
+        if name not in self.values:
+            return None
+        return self.values[name], self.seen[name]
+
+    # -- runtime changes ------------------------------------------------------------------
+    def reconfigure(self, rule_name: str, fields: Mapping[str, float | int]) -> dict[str, float | int]:
+        """Change timing fields of a rule while running; returns the rule's new field values.
+
+        Settable: ``period_ms`` (periodic), ``window_ms`` (aggregate), ``deadband``
+        (on_change), ``min_interval_ms`` (on_change, trigger). The new values pass the
+        profile schema's own bounds, or nothing changes (:class:`ValueError`). Schedules
+        move without a burst or a gap: the next period/window is counted from the last
+        one that ran, so a shorter period takes effect at the next tick and a longer one
+        extends the current wait; values already held or accumulated are kept.
+        """
+        state = self._find(rule_name)
+        if state is None:
+            raise ValueError(f"unknown rule {rule_name!r}")
+        rule = state.rule
+        settable = RECONFIGURABLE[type(rule)]
+        wrong = sorted(set(fields) - settable)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} cannot be changed on {rule.type} rule {rule_name!r} "
+                             f"(settable: {', '.join(sorted(settable))})")
+        try:
+            new = type(rule).model_validate({**rule.model_dump(), **fields})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid value for rule {rule_name!r}: {problems}") from None
+        if isinstance(state, _Periodic):
+            assert isinstance(new, PeriodicRule)
+            last_run = state.due - state.period
+            state.rule, state.period = new, new.period_ms / 1000
+            state.due = last_run + state.period
+        elif isinstance(state, _Aggregate):
+            assert isinstance(new, AggregateRule)
+            state.rule, state.window = new, new.window_ms / 1000
+            state.window_end = state.window_start + state.window
+        elif isinstance(state, _OnChange):
+            assert isinstance(new, OnChangeRule)
+            state.rule, state.min_interval = new, new.min_interval_ms / 1000
+        else:
+            assert isinstance(new, TriggerRule)
+            state.rule, state.min_interval = new, new.min_interval_ms / 1000
+        return {name: getattr(new, name) for name in sorted(settable)}
+
+    def _find(self, rule_name: str) -> _Periodic | _OnChange | _Trigger | _Aggregate | None:
+        states: list[_Periodic | _OnChange | _Trigger | _Aggregate] = [
+            *self._periodic, *self._on_change_rules, *self._triggers, *self._aggregates]
+        return next((s for s in states if s.rule.name == rule_name), None)
 
     # -- input ---------------------------------------------------------------------------
     def update(self, mono: float, values: Iterable[tuple[str, SignalValue]]) -> None:

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, list[str]] = {
                  "--markdown", "{md}"],
     "outbox": [sys.executable, "bench/bench_outbox.py", "--seconds", "20"],
     "uplink": [sys.executable, "-m", "bench.bench_uplink", "--markdown", "{md}"],
+    "commands": [sys.executable, "-m", "bench.bench_commands", "--markdown", "{md}"],
 }
 
 HEADER = """# Benchmarks

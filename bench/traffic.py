@@ -30,7 +30,7 @@ def generate(profile: LoadedProfile, seconds: float = 30.0) -> list[can.Message]
     start_ns = 0
     end_ns = start_ns + round(seconds * NS_PER_S)
     heap: list[tuple[int, int, Source]] = []
-    for seq, source in enumerate(simulator.sources()):
+    for seq, source in enumerate(simulator.ecu.sources):  # the vehicle's traffic, no actuators
         first = source.start(start_ns)
         if first is not None:
             heap.append((first, seq, source))

@@ -42,6 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.commands.results import RESULTS_STREAM, CommandResult, ResultRejected, decode_result
 from agent.errors import ConfigError
 from agent.pki import check_private_key_file, common_name, load_certificate
 from agent.records import Event, Record
@@ -235,7 +236,19 @@ class Rejection:
                 "detail": self.detail, "size": self.size, "received_at": self.received_at}
 
 
-Arrival = BatchArrival | StatusArrival | Rejection
+@dataclass(frozen=True)
+class ResultArrival:
+    """A command result (``{prefix}/{vehicle}/cmd/res``); it uses a sequence number too."""
+
+    vehicle_id: str
+    topic: str
+    result: CommandResult
+    seq: int
+    duplicate: bool
+    received_at: float
+
+
+Arrival = BatchArrival | StatusArrival | ResultArrival | Rejection
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -424,10 +437,10 @@ def _parse_topic(topic: str, prefix: str) -> tuple[str, str] | None:
     head = prefix + "/"
     if not topic.startswith(head):
         return None
-    parts = topic[len(head):].split("/")
-    if len(parts) != 2 or not parts[0] or parts[1] not in (*DATA_STREAMS, STATUS):
+    vehicle, _, kind = topic[len(head):].partition("/")
+    if not vehicle or kind not in (*DATA_STREAMS, STATUS):
         return None
-    return parts[0], parts[1]
+    return vehicle, kind
 
 
 def _loss_report(status: Mapping[str, Any]) -> tuple[dict[str, dict[str, dict[str, int]]], int]:
@@ -486,7 +499,31 @@ class FleetLedger:
         vehicle_id, kind = where
         if kind == STATUS:
             return self._status(vehicle_id, topic, payload, retained, now)
+        if kind == RESULTS_STREAM:
+            return self._result(vehicle_id, topic, payload, now)
         return self._batch(vehicle_id, kind, topic, payload, now)
+
+    def _result(self, vehicle_id: str, topic: str, payload: bytes, now: float) -> Arrival:
+        try:
+            decoded = decode_result(payload)
+        except ResultRejected as exc:
+            return self.reject(vehicle_id, topic, exc.reason, exc.detail, payload, now)
+        if decoded.vehicle_id != vehicle_id:
+            return self.reject(vehicle_id, topic, "vehicle_mismatch",
+                               f"result claims vehicle {decoded.vehicle_id!r:.140}", payload, now)
+        v = self._vehicle(vehicle_id)
+        v.messages += 1
+        duplicate = decoded.seq in v.seqs
+        if duplicate:
+            v.duplicate_seqs.append(decoded.seq)
+        else:
+            v.seqs.add(decoded.seq)
+            boot = v.boots.get(decoded.boot_id)
+            if boot is None:
+                boot = v.boots[decoded.boot_id] = _Boot(decoded.boot_id, now)
+            boot.seqs.add(decoded.seq)
+            v.streams[RESULTS_STREAM] = v.streams.get(RESULTS_STREAM, 0) + 1
+        return ResultArrival(vehicle_id, topic, decoded.result, decoded.seq, duplicate, now)
 
     def _vehicle(self, vehicle_id: str) -> _VehicleLedger:
         ledger = self._vehicles.get(vehicle_id)

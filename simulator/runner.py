@@ -24,6 +24,7 @@ import structlog
 
 from agent.errors import BusUnavailable
 from agent.profile.loader import LoadedProfile, load_profile
+from simulator.actuators import CentralLocking
 from simulator.ecu import TELEMATICS_NODES, Ecu
 from simulator.engine import Engine, Source, StateFunction, open_bus
 from simulator.inject import FaultConfig, FaultInjector
@@ -202,13 +203,17 @@ class Simulator(BusRunner):
     durations and starting conditions while the powertrain and battery-cell grid follow the
     profile's signals (:meth:`DriveCycle.for_signals`); None is the default cycle for the
     profile. Frames keep their real cycle times; ``time_scale`` only speeds the scenario up.
+
+    The body control module reacts to remote lock requests from the agent
+    (:mod:`simulator.actuators`); ``faults={"lock_actuator"}`` makes it ignore them.
     """
 
     def __init__(self, profile: LoadedProfile | str | Path, *, buses: BusOverrides | None = None,
                  scenario: DriveCycle | ScenarioConfig | None = None, time_scale: float = 1.0,
                  loop: bool = False, inject: FaultConfig | None = None,
                  only: Iterable[str] | None = None,
-                 telematics_nodes: Iterable[str] = TELEMATICS_NODES) -> None:
+                 telematics_nodes: Iterable[str] = TELEMATICS_NODES,
+                 faults: Iterable[str] = ()) -> None:
         super().__init__(profile, buses=buses, only=only, time_scale=time_scale, inject=inject)
         if isinstance(scenario, DriveCycle):
             self.cycle = scenario
@@ -216,6 +221,8 @@ class Simulator(BusRunner):
             self.cycle = DriveCycle.for_signals(self.profile.catalog, scenario)
         self.loop = loop
         self.ecu = Ecu(self.profile, self.bus_names, telematics_nodes=telematics_nodes)
+        self.locking = CentralLocking(self.profile, self.bus_names, self.buses, self._cycle_state,
+                                      faults=faults)
         missing = sorted(self.ecu.canonical_names() - self.cycle.signal_names())
         if missing:
             log.warning("scenario_does_not_drive", signals=missing,
@@ -227,15 +234,22 @@ class Simulator(BusRunner):
                         hint="their messages are sent by the telematics unit or on request")
 
     def sources(self) -> list[Source]:
-        return list(self.ecu.sources)
+        sources: list[Source] = list(self.ecu.sources)
+        if self.locking.active:
+            sources.append(self.locking)
+        return sources
+
+    def _cycle_state(self, t: float) -> dict[str, Value]:
+        return self.cycle.state_at(t, loop=self.loop)
 
     def state_function(self) -> StateFunction:
-        cycle, loop = self.cycle, self.loop
-        return lambda t: cycle.state_at(t, loop=loop)
+        cycle_state, overlay = self._cycle_state, self.locking.overlay
+        return lambda t: overlay(t, cycle_state(t))
 
     def state(self, scenario_time: float | None = None) -> dict[str, Value]:
+        """What the ECUs send at ``scenario_time`` (now): the cycle, with the BCM's lock state."""
         t = self.scenario_time() if scenario_time is None else scenario_time
-        return self.cycle.state_at(t, loop=self.loop)
+        return self.locking.overlay(t, self._cycle_state(t))
 
     def phase(self) -> Phase:
         return self.cycle.phase_at(self.scenario_time(), loop=self.loop)

@@ -45,6 +45,7 @@ class CountingOutbox(Outbox):
 
 def make_outbox(tmp_path: Path, **kw: object) -> CountingOutbox:
     fail_first = int(kw.pop("fail_first", 0))  # type: ignore[call-overload]
+    kw.setdefault("drain_order", "oldest_first")  # tests read stored batches back in commit order
     settings = OutboxSettings(path=tmp_path / "outbox.sqlite", **kw)  # type: ignore[arg-type]
     return CountingOutbox(settings, fail_first=fail_first)
 

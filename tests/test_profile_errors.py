@@ -125,7 +125,7 @@ def test_check_prints_summary(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "agent", "check", str(UNIT_DIR / "unit.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "OK" in proc.stdout and "4 messages needed by rules" in proc.stdout
+    assert "OK" in proc.stdout and "4 messages needed by rules and commands" in proc.stdout
     assert "rules: 6 (2 aggregate, 1 on_change, 2 periodic, 1 trigger)" in proc.stdout
 
 

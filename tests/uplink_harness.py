@@ -100,8 +100,11 @@ def outbox_seqs(config: Path) -> list[int]:
     import sqlite3
 
     db = config.parent / "outbox.sqlite"
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return [r[0] for r in conn.execute("SELECT seq FROM batches ORDER BY seq")]
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return [r[0] for r in conn.execute("SELECT seq FROM batches ORDER BY seq")]
+    except sqlite3.OperationalError:  # not created yet by the starting agent
+        return []
 
 
 __all__ = ["AgentProcess", "MosquittoBroker", "outbox_seqs", "van_log", "write_config"]

@@ -6,8 +6,10 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from types import FrameType
 
+from agent.commands.service import CommandService, RequestQueue
 from agent.config import AgentConfig, BusOverride, JsonLinesOutput, load_agent_config
 from agent.errors import ConfigError
 from agent.logs import configure_logging
@@ -51,6 +53,10 @@ def _config(args: argparse.Namespace) -> tuple[AgentConfig, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A stop requested while starting up (loading, connecting) takes effect once running.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     config, profile_path = _config(args)
     overrides = dict(config.buses)
     overrides.update(dict(args.bus))
@@ -65,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             profile_path, f"firmware {config.firmware_version} is not covered by this profile "
             f"({', '.join(profile.spec.vehicle.firmware_versions)})", path="vehicle.firmware_versions")
 
-    uplink = Uplink(config.uplink, config.vehicle_id) if config.uplink else None
+    requests = RequestQueue() if config.commands else None
+    uplink = Uplink(config.uplink, config.vehicle_id, inbox=requests) if config.uplink else None
     sinks: list[Sink] = [uplink.sink] if uplink else []
     output = JsonLinesOutput(type="jsonl", path=args.output) if args.output else config.output
     if output is not None or not sinks:
@@ -74,21 +81,34 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline(profile, sinks[0] if len(sinks) == 1 else TeeSink(sinks), overrides,
                         PipelineSettings(config.can, config.clock))
 
+    commands = None
+    if config.commands and uplink and requests:
+        commands = CommandService(config.commands, profile, pipeline, config.vehicle_id,
+                                  uplink.publish_result, requests, status=pipeline.stats)
+
     def stop(signum: int, frame: FrameType | None) -> None:
         pipeline.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if stopping.is_set():
+        pipeline.stop()
     if uplink:
         uplink.start()
+    if commands:
+        commands.start()
     try:
         pipeline.run(args.duration)
     finally:
+        if commands:
+            commands.close()
         if uplink:
             uplink.close()
     stats = pipeline.stats()
     if uplink:
         stats["uplink"] = uplink.stats()
+    if commands:
+        stats["commands"] = dict(commands.counters)
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as fh:
             json.dump(stats, fh, indent=2, default=str)

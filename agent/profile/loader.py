@@ -24,6 +24,7 @@ from agent.profile.model import (
     CommandSpec,
     ParameterSpec,
     SetRuleAction,
+    SnapshotAction,
     TriggerRule,
     VehicleProfile,
 )
@@ -83,10 +84,26 @@ class LoadedProfile:
                 used.update(rule.signals)
         return used
 
+    def signals_needed(self) -> set[str]:
+        """Signals the agent must decode: those rules use, and those commands read
+        (preconditions, confirmation, snapshots; a snapshot naming none reads the catalog)."""
+        needed = self.signals_used_by_rules()
+        for command in self.spec.commands:
+            for condition in self.preconditions.get(command.name, []):
+                needed |= condition.signals
+            if command.confirm is not None:
+                needed.add(command.confirm.signal)
+            if isinstance(command.action, SnapshotAction):
+                needed |= set(command.action.signals or self.catalog)
+        return needed
+
+    def actuation_buses(self) -> set[str]:
+        return {entry.bus for entry in self.spec.actuation_allow}
+
     def messages_used(self) -> dict[str, set[tuple[int, bool]]]:
-        """Bus name -> (frame id, extended) of the messages that rules need."""
+        """Bus name -> (frame id, extended) of the messages the agent decodes."""
         out: dict[str, set[tuple[int, bool]]] = {bus.name: set() for bus in self.spec.buses}
-        for name in self.signals_used_by_rules():
+        for name in self.signals_needed():
             message = self.catalog[name].message
             out[self.catalog[name].bus].add((message.frame_id, message.is_extended_frame))
         return out
@@ -106,7 +123,7 @@ class LoadedProfile:
             lines.append(
                 f"  bus {bus.name}: {bus.interface}:{bus.channel} {bus.bitrate} bit/s"
                 f"{' FD' if bus.fd else ''}, {len(db.messages)} messages / {n_sig} signals in "
-                f"database, {len(per_bus[bus.name])} messages needed by rules"
+                f"database, {len(per_bus[bus.name])} messages needed by rules and commands"
             )
         lines.append(f"  catalog: {len(self.catalog)} signals, {len(used)} used by rules")
         kinds: dict[str, int] = {}

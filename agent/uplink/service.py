@@ -11,8 +11,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from agent.batcher import OutboxSink, new_boot_id
-from agent.outbox import LossReport, Outbox, OutboxSettings
-from agent.uplink.mqtt import MqttPublisher, MqttSettings, check_identity
+from agent.commands.results import CommandResult, ResultBatch
+from agent.outbox import LossReport, Outbox, OutboxSettings, Priority
+from agent.uplink.mqtt import CommandInbox, MqttPublisher, MqttSettings, check_identity
 
 
 class UplinkSettings(BaseModel):
@@ -25,7 +26,7 @@ class UplinkSettings(BaseModel):
 
 
 class Uplink:
-    def __init__(self, settings: UplinkSettings, vehicle_id: str) -> None:
+    def __init__(self, settings: UplinkSettings, vehicle_id: str, inbox: CommandInbox | None = None) -> None:
         self.settings = settings
         self.vehicle_id = vehicle_id
         self.boot_id = new_boot_id()
@@ -33,7 +34,7 @@ class Uplink:
         self.outbox = Outbox(settings.outbox)
         try:
             self.sink = OutboxSink(self.outbox, vehicle_id=vehicle_id, boot_id=self.boot_id)
-            self.publisher = MqttPublisher(settings.mqtt, vehicle_id, self.outbox, status=self)
+            self.publisher = MqttPublisher(settings.mqtt, vehicle_id, self.outbox, status=self, inbox=inbox)
         except BaseException:
             self.outbox.close()
             raise
@@ -53,6 +54,10 @@ class Uplink:
     def status_delivered(self, token: object) -> None:
         if isinstance(token, LossReport):
             self.outbox.ack_loss_report(token)
+
+    def publish_result(self, result: CommandResult) -> None:
+        """A command result, stored durably (highest priority) before it is published."""
+        self.outbox.commit([(Priority.EVENT, ResultBatch(result, self.vehicle_id, self.boot_id))])
 
     def start(self) -> None:
         self.publisher.start()

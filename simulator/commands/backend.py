@@ -32,6 +32,7 @@ from simulator.backend import (
     format_value,
     last_values,
 )
+from simulator.commands import backend_command
 from simulator.commands.common import (
     EX_CANTCREAT,
     EX_UNAVAILABLE,
@@ -98,6 +99,7 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--duration", type=positive_float, metavar="S",
                         help="stop after S seconds (default: until SIGINT/SIGTERM)")
     parser.set_defaults(func=run, _parser=parser)
+    backend_command.add_subparser(parser)  # `backend ... command`: send a signed remote command
 
 
 # --------------------------------------------------------------------------- live display

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from simulator.actuators import SIMULATED_FAULTS
 from simulator.commands.common import (
     EX_USAGE,
     add_bus_argument,
@@ -42,6 +43,10 @@ def add_subparser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--info-file", metavar="PATH",
                         help="after start, write JSON with the start time (wall-clock ns), time "
                              "scale and phase times, for test harnesses in another process")
+    parser.add_argument("--fault", action="append", default=[],
+                        choices=[f.replace("_", "-") for f in SIMULATED_FAULTS],
+                        help="simulate a broken ECU (repeatable): lock-actuator makes the body "
+                             "control module ignore remote lock/unlock requests")
     add_inject_arguments(parser)
     add_output_arguments(parser)
     parser.set_defaults(func=run)
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return profile
     try:
         simulator = Simulator(profile, buses=dict(args.bus), time_scale=args.time_scale,
-                              loop=args.loop, inject=fault_config(args))
+                              loop=args.loop, inject=fault_config(args), faults=args.fault)
     except ValueError as exc:
         error(str(exc))
         return EX_USAGE
