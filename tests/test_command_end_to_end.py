@@ -37,6 +37,7 @@ class Vehicle:
     profile: LoadedProfile
     pipeline: Pipeline
     uplink: Uplink
+    service: CommandService
     cloud: CloudClient
     frames: list[can.Message]
     simulator: Simulator | None
@@ -80,7 +81,7 @@ def vehicle(tmp_path: Path, ev: LoadedProfile, request: pytest.FixtureRequest) -
         simulator.start()
         cloud = CloudClient(broker, VEHICLE_ID, key)
         try:
-            yield Vehicle(ev, pipeline, uplink, cloud, frames, simulator)
+            yield Vehicle(ev, pipeline, uplink, service, cloud, frames, simulator)
         finally:
             cloud.close()
             simulator.stop()
@@ -157,9 +158,12 @@ def test_stale_speed_fails_the_precondition(vehicle: Vehicle) -> None:
 
 REJECTIONS = [
     ("wrong vehicle", dict(vehicle_id="TESTVIN0000000002"), "wrong_vehicle"),
-    ("expired", dict(issued_at_ms=int(time.time() * 1000) - 600_000, ttl_s=60), "expired"),
+    ("expired", dict(issued_at_ms=-600_000, ttl_s=60), "expired"),
+    ("not yet valid", dict(issued_at_ms=+600_000, ttl_s=60), "not_yet_valid"),
+    ("lifetime too long", dict(ttl_s=7200), "lifetime_too_long"),
     ("unknown command", dict(name="open_sunroof"), "unknown_command"),
     ("bad parameters", dict(name="set_speed_period", params={"period_ms": 5}), "bad_parameters"),
+    ("unexpected parameter", dict(params={"force": True}), "bad_parameters"),
 ]
 
 
@@ -169,13 +173,67 @@ def test_rejections_over_mqtt_report_the_reason_and_send_nothing(vehicle: Vehicl
     overrides = dict(overrides)
     name = overrides.pop("name", "unlock_doors")
     params = overrides.pop("params", None)
-    if "issued_at_ms" in overrides:  # computed when the module loaded; make it relative to now
-        overrides["issued_at_ms"] = int(time.time() * 1000) - 600_000
+    if "issued_at_ms" in overrides:  # relative to now
+        overrides["issued_at_ms"] += int(time.time() * 1000)
     command_id = vehicle.cloud.send(name, params, **overrides)
     result = vehicle.cloud.final(command_id)
     assert result.state == ("expired" if reason == "expired" else "rejected")
     assert result.reason == reason
+    assert vehicle.cloud.states(command_id) == [result.state]  # never accepted
     assert lock_requests(vehicle.frames, vehicle.profile) == []
+
+
+def test_replayed_counter_is_rejected(vehicle: Vehicle) -> None:
+    first = vehicle.cloud.send("status", counter=10_000)
+    assert vehicle.cloud.final(first).state == "succeeded"
+    second = vehicle.cloud.send("unlock_doors", counter=9_999)  # not above the last accepted
+    result = vehicle.cloud.final(second)
+    assert (result.state, result.reason) == ("rejected", "replayed_counter")
+    assert lock_requests(vehicle.frames, vehicle.profile) == []
+
+
+def _tampered_signature(vehicle: Vehicle) -> tuple[str, bytes]:
+    import cbor2
+
+    command_id, payload = vehicle.cloud.sign("unlock_doors")
+    envelope = cbor2.loads(payload)
+    envelope["sig"] = bytes([envelope["sig"][0] ^ 1]) + envelope["sig"][1:]
+    return command_id, cbor2.dumps(envelope)
+
+
+def _unknown_key(vehicle: Vehicle) -> tuple[str, bytes]:
+    command_id, payload = vehicle.cloud.sign("unlock_doors")
+    import cbor2
+
+    envelope = cbor2.loads(payload)
+    envelope["kid"] = "ops-unknown"
+    return command_id, cbor2.dumps(envelope)
+
+
+UNANSWERED = [
+    ("bad signature", _tampered_signature, "bad_signature"),
+    ("unknown key id", _unknown_key, "unknown_key"),
+    ("too large", lambda v: ("cmd-big", b"\xa0" * 5000), "too_large"),
+    ("malformed", lambda v: ("cmd-junk", b"\x00\xffnot cbor"), "malformed"),
+]
+
+
+@pytest.mark.parametrize("case", UNANSWERED, ids=[c[0] for c in UNANSWERED])
+def test_unauthenticated_requests_are_rejected_counted_and_not_answered(vehicle: Vehicle, case: tuple) -> None:  # type: ignore[type-arg]
+    _, make, reason = case
+    command_id, payload = make(vehicle)
+    vehicle.cloud.publish(command_id, payload)
+    deadline = time.monotonic() + 10
+    key = f"rejected_{reason}"
+    while vehicle.service.counters.get(key, 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vehicle.service.counters.get(key) == 1
+    assert vehicle.service.counters.get("accepted", 0) == 0
+    time.sleep(0.5)
+    assert vehicle.cloud.states(command_id) == []  # nothing authenticated to answer to
+    assert lock_requests(vehicle.frames, vehicle.profile) == []
+    audit = vehicle.service.store.recent_audit(5)
+    assert any(entry.reason == reason for entry in audit)
 
 
 def test_redelivered_command_returns_its_result_and_does_not_run_again(vehicle: Vehicle) -> None:
