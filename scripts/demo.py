@@ -7,7 +7,9 @@
 3. the simulated EV driving its cycle in a loop on vcan0 (powertrain, CAN FD) and vcan1 (body);
 4. the agent reading both buses, applying the profile's rules, buffering in its SQLite
    outbox and publishing CBOR batches over MQTT v5;
-5. the backend decoding the batches and showing them as they arrive, with sequence checks.
+5. the backend decoding the batches and showing them as they arrive, with sequence checks;
+6. an operator sending signed remote commands (unlock while parked, lock while driving, a
+   refused unlock while driving) that the simulated body ECU carries out.
 
 Run through scripts/demo.sh, which provides the vcan interfaces.
 """
@@ -27,14 +29,18 @@ from types import FrameType
 
 import yaml
 
-from agent.pki import PkiDir, dev_setup
-from agent.uplink.broker_config import BrokerConfig, write_broker_config
+from agent.cli.pki import provision_command_key
+from agent.pki import PkiDir, dev_setup, issue_identity
+from agent.uplink.broker_config import AclPolicy, BrokerConfig, write_broker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "firmware_profiles" / "ev_sedan" / "ev_sedan.yaml"
 BUSES = ["--bus", "powertrain=socketcan:vcan0", "--bus", "body=socketcan:vcan1"]
 VEHICLE_ID = "DEMOEV00000000001"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+OPERATOR = "operator"
+# (seconds after the vehicle starts, command): parked at first, driving from about 10 s
+COMMANDS = [(4.0, "unlock_doors"), (16.0, "lock_doors"), (20.0, "unlock_doors")]
 
 
 def free_port() -> int:
@@ -63,9 +69,14 @@ def main() -> int:
     pki = PkiDir(work / "pki")
     if not pki.cert(VEHICLE_ID).exists():
         dev_setup(pki, [VEHICLE_ID])
+    if not pki.cert(OPERATOR).exists():  # one MQTT identity per client: monitor and operator
+        issue_identity(pki, OPERATOR)
+    signing_key, trusted_keys = pki.root / "command-signing.key", pki.root / "trusted-command-keys.yaml"
+    provision_command_key(signing_key, kid="dev-1", issuer="fleet-ops", trusted_keys=trusted_keys)
     port = free_port()
     broker_dir = Path(tempfile.mkdtemp(prefix="vt-demo-broker-"))  # readable by the mosquitto user
-    files = write_broker_config(broker_dir, BrokerConfig(port=port), ca_cert=pki.ca_cert,
+    acl = AclPolicy(backend_users=("backend", OPERATOR))
+    files = write_broker_config(broker_dir, BrokerConfig(port=port, acl=acl), ca_cert=pki.ca_cert,
                                 broker_cert=pki.cert("broker"), broker_key=pki.key("broker"))
     config = work / "agent.yaml"
     config.write_text(yaml.safe_dump({
@@ -78,6 +89,7 @@ def main() -> int:
             "mqtt": {"host": "127.0.0.1", "port": port, "ca_file": str(pki.ca_cert),
                      "cert_file": str(pki.cert(VEHICLE_ID)), "key_file": str(pki.key(VEHICLE_ID))},
         },
+        "commands": {"trusted_keys": str(trusted_keys), "replay": {"path": str(work / "replay.sqlite")}},
         "log": {"level": "warning"},
     }, sort_keys=False))
 
@@ -112,13 +124,26 @@ def main() -> int:
     if args.duration:
         signal.signal(signal.SIGALRM, stop)
         signal.setitimer(signal.ITIMER_REAL, args.duration)
+    started = time.monotonic()
+    pending = list(COMMANDS)
+    commands: list[subprocess.Popen[bytes]] = []
+    operator = [python, "-m", "simulator", "backend", "--host", "127.0.0.1", "--port", str(port), "--pki",
+                str(pki.root), "--name", OPERATOR, "command", "--vehicle", VEHICLE_ID,
+                "--signing-key", str(signing_key), "--kid", "dev-1", "--timeout", "10"]
     while backend.poll() is None:
+        if pending and time.monotonic() - started >= pending[0][0]:
+            _, name = pending.pop(0)
+            print(f"demo: operator sends {name}", flush=True)
+            commands.append(subprocess.Popen([*operator, "--name", name]))
         if any(p.poll() is not None for p in procs if p is not backend):
             print("demo: a component stopped unexpectedly; see the logs in var/demo", file=sys.stderr)
             stop(signal.SIGTERM, None)
             return 1
         time.sleep(0.5)
     stop(signal.SIGTERM, None)
+    for proc in commands:
+        if proc.poll() is None:
+            proc.terminate()
     shutil.rmtree(broker_dir, ignore_errors=True)
     return 0
 
