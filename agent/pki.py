@@ -56,7 +56,7 @@ def validate_vehicle_id(vehicle_id: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with exactly ``mode``, replacing any old file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,15 +88,15 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def write_csr(path: Path, csr: x509.CertificateSigningRequest) -> None:
-    _write_atomic(path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def check_private_key_file(path: Path | str) -> None:

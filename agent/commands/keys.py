@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
-import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import ConfigError, ConfigProblem
+from agent.pki import write_atomic
 from agent.profile.loader import validate_model
 from agent.profile.yamlsrc import load_yaml_file
 
@@ -219,28 +217,6 @@ def load_keyring(path: str | Path) -> Keyring:
 # --------------------------------------------------------------------------- backend side
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` with exactly ``mode`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # before any data lands, independent of the umask
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def public_entry(private_key: Ed25519PrivateKey, *, kid: str, issuer: str,
                  not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> TrustedKeyEntry:
     """The trusted keys file entry for a signing key (public key as raw base64)."""
@@ -264,7 +240,7 @@ def generate_signing_key(path: str | Path, *, kid: str, issuer: str, not_before:
         raise FileExistsError(f"{path} exists; refusing to replace a signing key")
     pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
     return entry
 
 
@@ -309,4 +285,4 @@ def add_trusted_key(path: str | Path, entry: TrustedKeyEntry) -> None:
             raise ConfigError.single(str(path), f"keys[{i}] already has kid {old.kid!r} or the same public key",
                                      path=f"keys[{i}]")
     document = {"version": TRUSTED_KEYS_VERSION, "keys": [e.to_document() for e in [*entries, entry]]}
-    _write_atomic(path, yaml.safe_dump(document, sort_keys=False).encode("utf-8"), 0o644)
+    write_atomic(path, yaml.safe_dump(document, sort_keys=False).encode("utf-8"), 0o644)
