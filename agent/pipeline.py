@@ -92,7 +92,7 @@ class Pipeline:
         """
         reader = next((r for r in self.readers if r.endpoint.name == bus_name), None)
         if reader is None:
-            raise BusUnavailable(f"bus {bus_name} is not open: no collection rule reads it")
+            raise BusUnavailable(f"bus {bus_name} is not open: no rule, command or actuation uses it")
         reader.transmit(msg)
 
     def live_values(self, names: Iterable[str]) -> dict[str, tuple[SignalValue, float]]:
