@@ -35,13 +35,17 @@ def van_log() -> Path:
 
 
 def write_config(directory: Path, pki: PkiDir, port: int, *, vehicle_id: str = VEHICLE_ID,
-                 outbox: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None) -> Path:
+                 outbox: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None,
+                 profile: Path = VAN, buses: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """An agent config; by default the van replaying its recorded drive in real time."""
     directory.mkdir(parents=True, exist_ok=True)
+    if buses is None:
+        buses = {"powertrain": {"interface": "sim-replay", "channel": str(van_log()), "options": {"speed": 1.0}}}
     config = {
         "vehicle_id": vehicle_id,
-        "profile": str(VAN),
-        "buses": {"powertrain": {"interface": "sim-replay", "channel": str(van_log()),
-                                 "options": {"speed": 1.0}}},
+        "profile": str(profile),
+        "buses": buses,
         "clock": {"synced": "assume_synced"},
         "uplink": {
             "outbox": {"path": str(directory / "outbox.sqlite"), "flush_interval_ms": 250,
@@ -52,6 +56,7 @@ def write_config(directory: Path, pki: PkiDir, port: int, *, vehicle_id: str = V
                      "denied_retry_min_s": 0.5, "denied_retry_max_s": 1.0, **(mqtt or {})},
         },
     }
+    config.update(extra or {})
     path = directory / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -2,9 +2,11 @@
 -> results through the durable outbox.
 
 Requests arrive on the uplink's thread (:class:`~agent.uplink.mqtt.CommandInbox`) and are
-handled by worker threads. A request is acknowledged to the broker only after the decision
-about it is durable (rejected and audited, or accepted in the replay store), so a crash
-before that makes the broker redeliver it, and a crash after it never runs it twice.
+handled by worker threads. A request is acknowledged to the broker only once it is finished
+(rejected and audited, or executed with its result recorded). If the agent dies before that,
+the broker redelivers it; the replay store, where it was recorded as accepted before it ran,
+then answers with the recorded outcome (``interrupted`` when the run was cut short) instead
+of running it again.
 """
 
 from __future__ import annotations
@@ -124,13 +126,13 @@ class CommandService:
             self._rejected(exc)
             ack()
             return
-        self.store.accept(command)  # durable before the broker may forget the request
-        ack()
+        self.store.accept(command)  # durable: from here on it can never run twice
         self._count("accepted")
         log.info("command accepted", command_id=command.command_id, command=command.name,
                  issuer=command.issuer, counter=command.counter)
         self._report(command.command_id, command.name, "accepted", {})
         self._execute(command)
+        ack()  # only now may the broker forget it; a crash before redelivers it to the replay check
 
     def _rejected(self, exc: CommandRejected) -> None:
         self._count(f"rejected_{exc.reason}")
