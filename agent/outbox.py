@@ -26,7 +26,6 @@ Guarantees (docs/protocol.md, "Outbox guarantees"):
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -46,13 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.errors import TransientError
 from agent.logs import LogLimiter
+from agent.sqlitefiles import UnusableDatabase, connect_wal, fsync_dir, move_aside, quick_check, take_file_lock
 
 log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION: Final = 1
 SEQ_RESERVE_BLOCK: Final = 1024
 SANE_WALL_CLOCK_NS: Final = 1_577_836_800_000_000_000  # 2020-01-01: earlier = unsynced
-BUSY_TIMEOUT_S: Final = 10.0
 ROW_OVERHEAD_BYTES: Final = 96  # estimate of SQLite record + index cost per batch
 MiB: Final = 1024 * 1024
 
@@ -229,18 +228,6 @@ CREATE TABLE IF NOT EXISTS losses (
 """
 
 
-class _Unusable(Exception):
-    """The database file at open is corrupt or not ours."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """The outbox; every method is thread-safe (one connection behind a lock)."""
 
@@ -274,12 +261,9 @@ class Outbox:
     # ------------------------------------------------------------------ opening
 
     def _take_file_lock(self) -> int:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutboxBusy(f"{self.path} is in use by another process") from None
+        fd = take_file_lock(self.lock_path)
+        if fd is None:
+            raise OutboxBusy(f"{self.path} is in use by another process")
         return fd
 
     def _read_sidecar(self) -> int | None:
@@ -305,23 +289,12 @@ class Outbox:
         finally:
             os.close(fd)
         os.replace(tmp, self.sidecar_path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._reserved = reserved
 
     def _connect(self) -> sqlite3.Connection:
-        for suffix in ("", "-wal", "-shm"):
-            name = Path(f"{self.path}{suffix}")
-            if suffix == "" and not name.exists():
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
-            if name.exists() and name.stat().st_mode & 0o077:
-                os.chmod(name, 0o600)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        conn = connect_wal(self.path, self.settings.synchronous)
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise _Unusable(f"cannot switch to WAL mode (got {mode})")
-            conn.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
             wal_bytes = max(256 * 1024, min(4 * MiB, self.settings.max_bytes // 8))
             conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -333,20 +306,16 @@ class Outbox:
 
     def _check(self, conn: sqlite3.Connection) -> bool:
         """Check integrity and schema; True when the database is new and empty."""
-        rows = conn.execute("PRAGMA quick_check").fetchall()
-        if rows != [("ok",)]:
-            raise _Unusable("quick_check: " + "; ".join(str(r[0]) for r in rows[:5]))
-        tables = {r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = quick_check(conn)
         if not tables:
             conn.executescript(_SCHEMA)
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             return True
         if not {"meta", "batches", "losses"} <= tables:
-            raise _Unusable(f"not an outbox database (tables {sorted(tables)})")
+            raise UnusableDatabase(f"not an outbox database (tables {sorted(tables)})")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema_version") != SCHEMA_VERSION or "next_seq" not in meta:
-            raise _Unusable(f"unsupported outbox schema {meta.get('schema_version')!r}"
+            raise UnusableDatabase(f"unsupported outbox schema {meta.get('schema_version')!r}"
                             f" or no sequence counter")
         return False
 
@@ -356,7 +325,7 @@ class Outbox:
             conn = self._connect()
             fresh = self._check(conn)
             return conn, fresh
-        except (_Unusable, sqlite3.DatabaseError) as exc:
+        except (UnusableDatabase, sqlite3.DatabaseError) as exc:
             if conn is not None:
                 conn.close()
             problem = str(exc)
@@ -390,13 +359,7 @@ class Outbox:
         return max(found, default=None)
 
     def _move_aside(self, problem: str) -> Recovery:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                os.replace(source, Path(f"{target}{suffix}"))
-        _fsync_dir(self.path.parent)
+        target = move_aside(self.path)
         log.error("outbox_database_replaced", path=str(self.path), moved_to=str(target),
                   problem=problem, reserved_seq=self._reserved)
         return Recovery(target, problem)

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import ConfigError, RejectedInput
+from agent.sqlitefiles import fsync_dir
 
 # A vehicle id becomes an MQTT client id, a topic level and a certificate CN: no topic
 # separators or wildcards, no whitespace, bounded length.
@@ -74,11 +75,7 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -40,7 +40,6 @@ thread-safe.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -57,11 +56,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.commands.envelope import REPLAYED_COUNTER, REPLAYED_ID, CommandRejected, VerifiedCommand
 from agent.errors import TransientError
+from agent.sqlitefiles import UnusableDatabase, connect_wal, move_aside, quick_check, take_file_lock
 
 log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION: Final = 1
-BUSY_TIMEOUT_S: Final = 10.0
 MAX_RESULT_BYTES: Final = 64 * 1024
 MAX_DETAIL_CHARS: Final = 512
 
@@ -142,9 +141,6 @@ class ReplayUnavailable(TransientError):
     """SQLite failed; no command may run until it works again."""
 
 
-class _Unusable(Exception):
-    """The database file at open is corrupt or not ours."""
-
 
 _SCHEMA: Final = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -184,14 +180,6 @@ _COMMAND_COLUMNS: Final = "id, issuer, name, counter, digest, state, result, acc
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stored(row: Sequence[Any]) -> StoredCommand:
@@ -249,47 +237,26 @@ class ReplayStore:
     # ------------------------------------------------------------------ opening
 
     def _take_file_lock(self) -> int:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ReplayBusy(f"{self.path} is in use by another process") from None
+        fd = take_file_lock(self.lock_path)
+        if fd is None:
+            raise ReplayBusy(f"{self.path} is in use by another process")
         return fd
 
     def _connect(self) -> sqlite3.Connection:
-        for suffix in ("", "-wal", "-shm"):
-            name = Path(f"{self.path}{suffix}")
-            if suffix == "" and not name.exists():
-                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
-            if name.exists() and name.stat().st_mode & 0o077:
-                os.chmod(name, 0o600)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise _Unusable(f"cannot switch to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=FULL")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return connect_wal(self.path, "full")
 
     def _check(self, conn: sqlite3.Connection) -> None:
-        rows = conn.execute("PRAGMA quick_check").fetchall()
-        if rows != [("ok",)]:
-            raise _Unusable("quick_check: " + "; ".join(str(r[0]) for r in rows[:5]))
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = quick_check(conn)
         if not tables:
             # One transaction: a kill here leaves an empty file, not a half-made schema.
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
                                f"INSERT INTO meta VALUES ('schema_version', {SCHEMA_VERSION}); COMMIT;")
             return
         if not tables >= _TABLES:
-            raise _Unusable(f"not a command replay database (tables {sorted(tables)})")
+            raise UnusableDatabase(f"not a command replay database (tables {sorted(tables)})")
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version is None or version[0] != SCHEMA_VERSION:
-            raise _Unusable(f"unsupported replay schema {None if version is None else version[0]!r}")
+            raise UnusableDatabase(f"unsupported replay schema {None if version is None else version[0]!r}")
 
     def _open_checked(self, missing: bool) -> sqlite3.Connection:
         """Open the database; ``missing``: it was created before (the lock file exists) and is gone now."""
@@ -300,12 +267,12 @@ class ReplayStore:
             if missing:
                 self._reset(conn, "the database file was missing (deleted?)", None, {})
             return conn
-        except (_Unusable, sqlite3.DatabaseError) as exc:
+        except (UnusableDatabase, sqlite3.DatabaseError) as exc:
             if conn is not None:
                 conn.close()
             problem = str(exc)
         counters = self._salvage_counters()
-        moved_to = self._move_aside()
+        moved_to = move_aside(self.path)
         conn = self._connect()
         self._check(conn)
         self._reset(conn, problem, moved_to, counters)
@@ -346,16 +313,6 @@ class ReplayStore:
         finally:
             conn.close()
         return found
-
-    def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                os.replace(source, Path(f"{target}{suffix}"))
-        _fsync_dir(self.path.parent)
-        return target
 
     def _mark_interrupted(self) -> tuple[StoredCommand, ...]:
         """Commands accepted by a process that died before recording their outcome."""
